@@ -1,0 +1,62 @@
+"""U-Net-style fusion decoder (film_net ``fusion``).
+
+Input: per level ``i < fusion_pyramid_levels``, ``concat(warped_0, warped_1,
+backward_flow, forward_flow)`` with ``2 * (3 + feature_channels(i)) + 4``
+channels. Starting from the coarsest level, for ``i = F-2 .. 0``::
+
+    net = conv2x2_same(resize_nearest(net, size_i))        # no activation
+    net = concat(level_i, net)
+    net = lrelu(conv3x3(net)); net = lrelu(conv3x3(net))
+
+with width ``filters << min(i, specialized_levels)``; finally a 1x1 conv to RGB
+(no activation, no clamp).
+
+Parameter names: ``levels.{i}.up`` (2x2), ``levels.{i}.convs.{0,1}`` (3x3),
+``output`` (1x1); ``i`` = pyramid level, finest first.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from .layers import Conv
+from .options import Options
+
+
+class FusionLevel(nn.Module):
+    def __init__(self, coarse_channels: int, skip_channels: int, filters: int) -> None:
+        super().__init__()
+        self.up = Conv(coarse_channels, filters, 2, activation=None)
+        self.convs = nn.ModuleList([Conv(skip_channels + filters, filters, 3),
+                                    Conv(filters, filters, 3)])
+
+
+class Fusion(nn.Module):
+    def __init__(self, options: Options) -> None:
+        super().__init__()
+        self.options = options
+        self.backend: Optional[str] = None
+        n = options.fusion_pyramid_levels
+        levels = []
+        for i in range(n - 1):
+            coarse = (options.fusion_input_channels(n - 1) if i == n - 2
+                      else options.fusion_filters(i + 1))
+            levels.append(FusionLevel(coarse, options.fusion_input_channels(i),
+                                      options.fusion_filters(i)))
+        self.levels = nn.ModuleList(levels)
+        self.output = Conv(options.fusion_filters(0), 3, 1, activation=None)
+
+    def forward(self, pyramid: List[torch.Tensor]) -> torch.Tensor:
+        """Aligned pyramid (finest first) -> image ``[B, 3, H, W]``."""
+        net = pyramid[-1]
+        for i in range(len(pyramid) - 2, -1, -1):
+            level = self.levels[i]
+            net = ops.upsample_conv2x2(net, pyramid[i].shape[-2:], level.up.weight, level.up.bias,
+                                       backend=self.backend)
+            net = torch.cat([pyramid[i], net], dim=1)
+            for conv in level.convs:
+                net = conv(net)
+        return self.output(net)

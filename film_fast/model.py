@@ -1,0 +1,180 @@
+"""The FILM frame interpolator (film_net), a thin graph over :mod:`film_fast.ops`.
+
+``FILM(x0, x1, batch_dt)`` takes two frames ``[B, 3, H, W]`` in [0, 1] and the
+time ``t`` of the wanted in-between frame per sample, and returns the frame
+``[B, 3, H, W]`` (not clamped, like the official model and the port).
+
+Graph (see the stage modules for details):
+
+1. image pyramids of both frames (2x2 average pooling);
+2. cascaded feature pyramids (:mod:`film_fast.feature_extractor`);
+3. residual flow pyramids x0->x1 and x1->x0 (:mod:`film_fast.flow_estimator`),
+   synthesised into flows for the ``fusion_pyramid_levels`` finest levels;
+4. ``backward_flow = t * flow(x1 vs x0)``, ``forward_flow = (1 - t) * flow(x0 vs x1)``;
+5. warp ``concat(image_0, features_0)`` by the backward flow and frame 1's by
+   the forward flow, per level;
+6. fuse ``concat(warped_0, warped_1, backward_flow, forward_flow)``
+   (:mod:`film_fast.fusion`).
+
+Both frames go through the feature extractor as one batch of ``2B``, both flow
+directions are estimated as one batch, and both warps run as one batch: the
+results are the same as running them separately, with a third of the launches.
+
+Sizes: H and W need not be multiples of ``2^(pyramid_levels-1)``; other sizes
+are zero-padded, centred, exactly like the official wrapper, and cropped back.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+from . import ops
+from .feature_extractor import FeatureExtractor
+from .flow_estimator import PyramidFlowEstimator
+from .fusion import Fusion
+from .options import Options
+from .pyramid import build_image_pyramid, crop_padding, pad_to_multiple, synthesize_flow_pyramid
+
+TimeLike = Union[torch.Tensor, float, int]
+
+
+class FILM(nn.Module):
+    """film_net with the official graph and the port's call signature.
+
+    Args:
+        options: architecture (default: the published film_net config).
+        backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cupy"`` or None
+            (``FILM_FAST_BACKEND``, default auto) for every hot-path op.
+
+    Attributes:
+        source: where the weights came from (file and format), for ``info``.
+    """
+
+    def __init__(self, options: Optional[Options] = None, *, backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.options = options if options is not None else Options()
+        self.extract = FeatureExtractor(self.options)
+        self.predict_flow = PyramidFlowEstimator(self.options)
+        self.fuse = Fusion(self.options)
+        self.source = "random initialisation"
+        self.backend = "auto"
+        self.set_backend(backend)
+
+    # ---- configuration ----------------------------------------------------------------
+    def set_backend(self, backend: Optional[str]) -> "FILM":
+        """Routes every op of this model through ``backend``; returns self."""
+        name = ops.normalize_backend(backend)
+        self.backend = name
+        for module in self.modules():
+            if hasattr(module, "backend") and module is not self:
+                module.backend = name
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- inputs -------------------------------------------------------------------------
+    def _check_inputs(self, x0: torch.Tensor, x1: torch.Tensor, batch_dt: TimeLike) -> torch.Tensor:
+        for name, x in (("x0", x0), ("x1", x1)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor [B, 3, H, W], got {type(x).__name__}")
+            if x.dim() != 4 or x.shape[1] != 3:
+                raise ValueError(f"{name} must be [B, 3, H, W] (RGB, NCHW), got shape {list(x.shape)}")
+            if not x.is_floating_point():
+                raise TypeError(f"{name} must be a floating tensor with values in [0, 1], got {x.dtype}")
+        if x0.shape != x1.shape:
+            raise ValueError(f"x0 and x1 must have the same shape, got {list(x0.shape)} and "
+                             f"{list(x1.shape)}")
+        batch = x0.shape[0]
+        if not isinstance(batch_dt, torch.Tensor):
+            batch_dt = torch.tensor(float(batch_dt))
+        dt = batch_dt.detach() if not batch_dt.requires_grad else batch_dt
+        if dt.dim() == 0:
+            dt = dt.expand(batch)
+        elif dt.dim() == 2 and dt.shape[1] == 1 and dt.shape[0] == batch:
+            dt = dt[:, 0]
+        elif not (dt.dim() == 1 and dt.shape[0] == batch):
+            raise ValueError(f"batch_dt must be [B, 1], [B] or a scalar with B = {batch}, got shape "
+                             f"{list(batch_dt.shape)}")
+        return dt.to(device=self.device, dtype=torch.float32)
+
+    # ---- graph ----------------------------------------------------------------------------
+    def _run(self, x0: torch.Tensor, x1: torch.Tensor, dt: torch.Tensor,
+             debug: bool) -> Dict[str, object]:
+        opts = self.options
+        batch = x0.shape[0]
+        dtype = self.dtype
+        x = torch.cat([x0, x1], dim=0).to(device=self.device, dtype=dtype)
+        x, pads = pad_to_multiple(x, opts.size_multiple)
+
+        image_pyramid = build_image_pyramid(x, opts.pyramid_levels, self.backend)
+        feature_pyramid = self.extract(image_pyramid)
+
+        # a = [f0; f1], b = [f1; f0]: the first half estimates x0 -> x1 ("forward"),
+        # the second half x1 -> x0 ("backward").
+        swapped = [torch.cat([f[batch:], f[:batch]], dim=0) for f in feature_pyramid]
+        residuals = self.predict_flow(feature_pyramid, swapped)
+        flows = synthesize_flow_pyramid(residuals, opts.fusion_pyramid_levels, self.backend)
+
+        # Warp frame 0 by t * backward_flow and frame 1 by (1 - t) * forward_flow, as one batch.
+        scale = torch.cat([dt, 1.0 - dt]).view(2 * batch, 1, 1, 1)
+        aligned = []
+        warped_images = []
+        for i in range(opts.fusion_pyramid_levels):
+            flow_i = torch.cat([flows[i][batch:], flows[i][:batch]], dim=0)  # [backward; forward]
+            flow_i = flow_i * scale.to(flow_i.dtype)
+            source = torch.cat([image_pyramid[i], feature_pyramid[i]], dim=1)
+            warped = ops.warp(source, flow_i, backend=self.backend)
+            if i == 0 and debug:
+                warped_images = [warped[:batch, :3], warped[batch:, :3]]
+            aligned.append(torch.cat([warped[:batch], warped[batch:], flow_i[:batch],
+                                      flow_i[batch:]], dim=1))
+        image = crop_padding(self.fuse(aligned), pads)
+        if not debug:
+            return {"image": image}
+        return {
+            "image": [image],
+            "forward_residual_flow_pyramid": [r[:batch] for r in residuals],
+            "backward_residual_flow_pyramid": [r[batch:] for r in residuals],
+            "forward_flow_pyramid": [f[:batch] for f in flows],
+            "backward_flow_pyramid": [f[batch:] for f in flows],
+            "x0_warped": crop_padding(warped_images[0], pads),
+            "x1_warped": crop_padding(warped_images[1], pads),
+        }
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor, batch_dt: TimeLike = 0.5) -> torch.Tensor:
+        """Interpolates the frame at time ``batch_dt`` between ``x0`` (t=0) and ``x1`` (t=1).
+
+        Args:
+            x0, x1: ``[B, 3, H, W]`` RGB in [0, 1], any H and W.
+            batch_dt: ``[B, 1]`` (the port's layout), ``[B]`` or a scalar. Published
+                models are trained for t = 0.5 only (use recursion for other times).
+        Returns:
+            ``[B, 3, H, W]`` in the model's dtype, not clamped.
+        """
+        dt = self._check_inputs(x0, x1, batch_dt)
+        return self._run(x0, x1, dt, debug=False)["image"]
+
+    def debug_forward(self, x0: torch.Tensor, x1: torch.Tensor,
+                      batch_dt: TimeLike = 0.5) -> Dict[str, List[torch.Tensor]]:
+        """Like :meth:`forward` but returns the port's dict of intermediates.
+
+        Keys: ``image`` (a one-element list), ``forward_residual_flow_pyramid``,
+        ``backward_residual_flow_pyramid`` (``pyramid_levels`` entries each),
+        ``forward_flow_pyramid``, ``backward_flow_pyramid`` (``fusion_pyramid_levels``
+        entries, before time scaling), all finest first, ``[B, 2, H>>i, W>>i]`` at the
+        padded size; plus ``x0_warped`` and ``x1_warped`` (``[B, 3, H, W]`` warped input
+        images, as the official model returns them).
+        """
+        dt = self._check_inputs(x0, x1, batch_dt)
+        return self._run(x0, x1, dt, debug=True)

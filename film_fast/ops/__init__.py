@@ -1,0 +1,127 @@
+"""Public functional entry points of FILM's hot paths.
+
+Every op takes NCHW tensors and a ``backend`` keyword (``None`` = the
+``FILM_FAST_BACKEND`` environment variable, default ``"auto"``; or ``"torch"``,
+``"triton"``, ``"cupy"``). The ``torch`` backend is the readable reference in
+:mod:`film_fast.ops.reference`; kernel backends register themselves with
+:func:`film_fast.ops.dispatch.register` and are tested against it.
+
+Example::
+
+    >>> import torch, film_fast.ops as ops
+    >>> img = torch.rand(1, 3, 8, 8); flow = torch.zeros(1, 2, 8, 8)
+    >>> torch.equal(ops.warp(img, flow, backend="torch"), img)
+    True
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import reference
+from .dispatch import (BACKENDS, BackendUnavailable, available_backends, normalize_backend,
+                       register, resolve)
+
+__all__ = ["warp", "upsample_flow", "conv2d", "avg_pool2x2", "upsample_conv2x2", "BACKENDS",
+           "BackendUnavailable", "available_backends", "normalize_backend", "register", "resolve"]
+
+for _name in ("warp", "upsample_flow", "conv2d", "avg_pool2x2", "upsample_conv2x2"):
+    register(_name, "torch")(getattr(reference, _name))
+
+
+def _check_float(name: str, t: torch.Tensor, ndim: int = 4) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+
+
+def warp(image: torch.Tensor, flow: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Backward bilinear warp with border clamping (FILM's convention).
+
+    ``out[b, :, y, x] = bilinear(image[b], x + dx, y + dy)`` with ``(dx, dy) =
+    flow[b, :, y, x]``; sample positions are clamped into the image. Sample
+    coordinates are computed in float32 whatever the data dtype.
+
+    Args:
+        image: ``[B, C, H, W]`` float (fp32/fp16/bf16).
+        flow: ``[B, 2, H, W]`` ``(dx, dy)`` in pixels; any float dtype.
+        backend: see module docstring.
+    Returns:
+        ``[B, C, H, W]`` in ``image.dtype``.
+    """
+    _check_float("image", image)
+    _check_float("flow", flow)
+    b, _, h, w = image.shape
+    if tuple(flow.shape) != (b, 2, h, w):
+        raise ValueError(f"flow must be [B, 2, H, W] = {[b, 2, h, w]} for image "
+                         f"{list(image.shape)}, got {list(flow.shape)}")
+    _, impl = resolve("warp", backend, image.device)
+    return impl(image, flow)
+
+
+def upsample_flow(flow: torch.Tensor, size: Sequence[int], residual: Optional[torch.Tensor] = None,
+                  *, backend: Optional[str] = None) -> torch.Tensor:
+    """``resize_bilinear(2 * flow, size) (+ residual)``: one coarse-to-fine flow step.
+
+    Args:
+        flow: ``[B, 2, h, w]`` coarse flow in coarse-level pixels.
+        size: ``(H, W)`` of the finer level.
+        residual: optional ``[B, 2, H, W]``.
+    Returns:
+        ``[B, 2, H, W]`` in fine-level pixels.
+    """
+    _check_float("flow", flow)
+    if flow.shape[1] != 2:
+        raise ValueError(f"flow must be [B, 2, h, w], got {list(flow.shape)}")
+    if residual is not None:
+        _check_float("residual", residual)
+        expected = [flow.shape[0], 2, int(size[0]), int(size[1])]
+        if list(residual.shape) != expected:
+            raise ValueError(f"residual must be {expected}, got {list(residual.shape)}")
+    _, impl = resolve("upsample_flow", backend, flow.device)
+    return impl(flow, size, residual)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           activation: Optional[str] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Stride-1 TF-'same' convolution + bias + optional ``"leaky_relu"`` (slope 0.2).
+
+    Args:
+        x: ``[B, Cin, H, W]``.
+        weight: ``[Cout, Cin, kh, kw]``; even kernels pad bottom/right only.
+        bias: ``[Cout]`` or None.
+    Returns:
+        ``[B, Cout, H, W]``.
+    """
+    _check_float("x", x)
+    if weight.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be [Cout, {x.shape[1]}, kh, kw] for x {list(x.shape)}, "
+                         f"got {list(weight.shape)}")
+    _, impl = resolve("conv2d", backend, x.device)
+    return impl(x, weight, bias, activation)
+
+
+def avg_pool2x2(x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """2x2/stride-2 'valid' average pooling: ``[B, C, H, W] -> [B, C, H//2, W//2]``."""
+    _check_float("x", x)
+    _, impl = resolve("avg_pool2x2", backend, x.device)
+    return impl(x)
+
+
+def upsample_conv2x2(x: torch.Tensor, size: Sequence[int], weight: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None, *,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """Nearest (half-pixel) resize of ``x`` to ``size`` followed by a 2x2 'same' conv.
+
+    Args:
+        x: ``[B, Cin, h, w]``; size: ``(H, W)``; weight: ``[Cout, Cin, 2, 2]``.
+    Returns:
+        ``[B, Cout, H, W]``, no activation.
+    """
+    _check_float("x", x)
+    _, impl = resolve("upsample_conv2x2", backend, x.device)
+    return impl(x, size, weight, bias)

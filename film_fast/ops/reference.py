@@ -1,0 +1,128 @@
+"""Readable pure-PyTorch reference implementations of FILM's hot paths.
+
+These functions are the specification every kernel backend is tested against,
+the CPU execution path, and the benchmark baseline. They follow the operator
+conventions of the official TF2 model (see FILM-SEMANTICS.md):
+
+* tensors are NCHW: ``image [B, C, H, W]``, ``flow [B, 2, H, W]`` holding
+  ``(dx, dy)`` in pixels of that tensor's resolution;
+* bilinear resizes use half-pixel centres (TF2 ``tf.image.resize`` ==
+  ``interpolate(mode="bilinear", align_corners=False)``);
+* nearest resizes use half-pixel centres (``mode="nearest-exact"``);
+* 'same' padding of an even (2x2) kernel pads one row at the bottom and one
+  column at the right only;
+* every named activation is LeakyReLU with slope 0.2.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+LEAKY_SLOPE = 0.2
+
+
+def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Backward bilinear warp with border clamping.
+
+    ``out[b, :, y, x] = bilinear(image[b], x + flow[b, 0, y, x], y + flow[b, 1, y, x])``
+    where sample positions outside the image are clamped to its border (a
+    sample left of column 0 reads column 0).
+
+    Sample coordinates are always built in float32 whatever ``image.dtype``: an
+    fp16 grid at 1920 px width is quantised to 1 ulp = 0.5..1 px, which is what
+    makes the port's fp16 model sample up to 0.47 px off. For the same reason
+    the sampling itself runs in float32 (CPU grid_sample in fp16/bf16 returns
+    garbage); the result is cast back to ``image.dtype``.
+
+    Args:
+        image: ``[B, C, H, W]`` any float dtype.
+        flow: ``[B, 2, H, W]`` ``(dx, dy)`` in pixels.
+    Returns:
+        ``[B, C, H, W]`` in ``image.dtype``.
+    """
+    _, _, height, width = image.shape
+    flow32 = flow.float()
+    xs = torch.arange(width, dtype=torch.float32, device=flow.device)
+    ys = torch.arange(height, dtype=torch.float32, device=flow.device)
+    sample_x = xs.view(1, 1, width) + flow32[:, 0]
+    sample_y = ys.view(1, height, 1) + flow32[:, 1]
+    # grid_sample(align_corners=False) maps a normalised g to pixel (g + 1) * W / 2 - 0.5.
+    grid = torch.stack(((2.0 * sample_x + 1.0) / width - 1.0,
+                        (2.0 * sample_y + 1.0) / height - 1.0), dim=-1)
+    out = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    return out.to(image.dtype)
+
+
+def upsample_flow(flow: torch.Tensor, size: Sequence[int],
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Coarse-to-fine flow step: ``resize_bilinear(2 * flow, size) (+ residual)``.
+
+    The flow is doubled before the resize (as the official code does) because
+    displacements are measured in pixels of the finer level.
+
+    Args:
+        flow: ``[B, 2, h, w]`` flow at the coarser level.
+        size: ``(H, W)`` of the finer level (normally ``(2h, 2w)``).
+        residual: optional ``[B, 2, H, W]`` added after the resize.
+    Returns:
+        ``[B, 2, H, W]``.
+    """
+    out = F.interpolate(2 * flow, size=tuple(int(s) for s in size), mode="bilinear",
+                        align_corners=False)
+    if residual is not None:
+        out = residual + out
+    return out
+
+
+def _same_pad(kernel_size: Tuple[int, int]) -> Tuple[int, int, int, int]:
+    """TF 'same' padding (left, right, top, bottom) for stride 1: extra goes right/bottom."""
+    kh, kw = kernel_size
+    return ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+           activation: Optional[str] = None) -> torch.Tensor:
+    """Stride-1 'same' convolution, bias, optional LeakyReLU(0.2).
+
+    Args:
+        x: ``[B, Cin, H, W]``.
+        weight: ``[Cout, Cin, kh, kw]`` (OIHW).
+        bias: ``[Cout]`` or None.
+        activation: ``None`` or ``"leaky_relu"``.
+    Returns:
+        ``[B, Cout, H, W]``.
+    """
+    kh, kw = weight.shape[-2:]
+    if kh % 2 and kw % 2:
+        y = F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2))
+    else:
+        y = F.conv2d(F.pad(x, _same_pad((kh, kw))), weight, bias)
+    if activation == "leaky_relu":
+        y = F.leaky_relu(y, LEAKY_SLOPE)
+    elif activation is not None:
+        raise ValueError(f"unknown activation {activation!r}; expected None or 'leaky_relu'")
+    return y
+
+
+def avg_pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 average pooling, stride 2, 'valid': ``[B, C, H, W] -> [B, C, H//2, W//2]``."""
+    return F.avg_pool2d(x, kernel_size=2, stride=2)
+
+
+def upsample_conv2x2(x: torch.Tensor, size: Sequence[int], weight: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The fusion decoder's up step: nearest resize to ``size``, then a 2x2 'same' conv.
+
+    Args:
+        x: ``[B, Cin, h, w]`` coarse decoder state.
+        size: ``(H, W)`` of the finer level.
+        weight: ``[Cout, Cin, 2, 2]``.
+        bias: ``[Cout]`` or None.
+    Returns:
+        ``[B, Cout, H, W]``, no activation.
+    """
+    up = F.interpolate(x, size=tuple(int(s) for s in size), mode="nearest-exact")
+    return conv2d(up, weight, bias, activation=None)
