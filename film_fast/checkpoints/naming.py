@@ -214,3 +214,65 @@ def check_state(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.
     if extra:
         raise CheckpointMismatchError(f"{source}: unexpected tensor {extra[0]!r} "
                                       f"({len(extra)} unexpected in all)")
+
+
+# ---- exports (inverse maps) ---------------------------------------------------------------
+_CANON_FEAT = re.compile(r"extract\.stages\.(\d+)\.convs\.(\d+)\.(weight|bias)$")
+_CANON_FLOW = re.compile(r"predict_flow\.(?:predictors\.(\d+)|(shared))\.convs\.(\d+)\.(weight|bias)$")
+_CANON_FUSE = re.compile(r"fuse\.levels\.(\d+)\.(up|convs\.0|convs\.1)\.(weight|bias)$")
+_CANON_OUT = re.compile(r"fuse\.output\.(weight|bias)$")
+_SLOTS = {"up": 0, "convs.0": 1, "convs.1": 2}
+
+
+def _levels(state: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
+    special = {int(m.group(1)) for k in state if (m := _CANON_FLOW.match(k)) and m.group(1)}
+    fuse = {int(m.group(1)) for k in state if (m := _CANON_FUSE.match(k))}
+    return (max(special) + 1 if special else 0), (max(fuse) + 1 if fuse else 0)
+
+
+def to_port(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Canonical names -> the PyTorch port's state-dict keys (for tools that expect them)."""
+    n_special, n_fuse = _levels(state)
+    out = {}
+    for key, t in state.items():
+        if m := _CANON_FEAT.match(key):
+            out[f"extract.extract_sublevels.convs.{m.group(1)}.{m.group(2)}.0.{m.group(3)}"] = t
+        elif m := _CANON_FLOW.match(key):
+            if m.group(2):
+                out[f"predict_flow._predictor._convs.{m.group(3)}.0.{m.group(4)}"] = t
+            else:
+                r = n_special - 1 - int(m.group(1))
+                out[f"predict_flow._predictors.{r}._convs.{m.group(3)}.0.{m.group(4)}"] = t
+        elif m := _CANON_FUSE.match(key):
+            r = n_fuse - 1 - int(m.group(1))
+            out[f"fuse.convs.{r}.{_SLOTS[m.group(2)]}.0.{m.group(3)}"] = t
+        elif m := _CANON_OUT.match(key):
+            out[f"fuse.output_conv.{m.group(1)}"] = t
+        else:
+            raise CheckpointMismatchError(f"unexpected canonical key {key!r}")
+    return out
+
+
+def to_official(state: Mapping[str, torch.Tensor]) -> Dict[str, np.ndarray]:
+    """Canonical names -> official TF variable names with HWIO kernels (numpy), in Keras creation order."""
+    _, n_fuse = _levels(state)
+    out = {}
+    for key, t in state.items():
+        a = t.detach().cpu().numpy()
+        kind = "kernel" if key.endswith("weight") else "bias"
+        if kind == "kernel":
+            a = np.ascontiguousarray(a.transpose(2, 3, 1, 0))
+        if m := _CANON_FEAT.match(key):
+            name = f"feat_net/sub_extractor/cfeat_conv_{2 * int(m.group(1)) + int(m.group(2))}"
+        elif m := _CANON_FLOW.match(key):
+            which = "shared" if m.group(2) else m.group(1)
+            name = f"predict_flow/flow_predictor_{which}/conv_{m.group(3)}"
+        elif m := _CANON_FUSE.match(key):
+            number = 3 * int(m.group(1)) + _SLOTS[m.group(2)]
+            name = "fusion/conv2d" + (f"_{number}" if number else "")
+        elif _CANON_OUT.match(key):
+            name = f"fusion/conv2d_{3 * n_fuse}"
+        else:
+            raise CheckpointMismatchError(f"unexpected canonical key {key!r}")
+        out[f"{name}/{kind}"] = a
+    return out

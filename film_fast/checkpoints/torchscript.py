@@ -51,6 +51,17 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
     return storage.as_strided(tuple(size), tuple(stride), offset)
 
 
+def _identity(value, *_):
+    return value
+
+
+# TorchScript wraps typed containers (a Conv2d's kernel_size, stride, ...) in these builders;
+# all of them just return their first argument.
+_LIST_BUILDERS = {name: _identity for name in (
+    "build_intlist", "build_tensorlist", "build_doublelist", "build_boollist",
+    "build_empty_list", "build_empty_dict", "restore_type_tag")}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str, path: str) -> None:
         super().__init__(io.BytesIO(data))
@@ -64,6 +75,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return type(name, (_ScriptObject,), {"qualified_name": f"{module}.{name}"})
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
             return _rebuild_tensor
+        if module == "torch.jit._pickle" and name in _LIST_BUILDERS:
+            return _LIST_BUILDERS[name]
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
         if module == "torch" and name in _STORAGE_DTYPES:

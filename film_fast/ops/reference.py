@@ -43,16 +43,18 @@ def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         ``[B, C, H, W]`` in ``image.dtype``.
     """
     _, _, height, width = image.shape
-    flow32 = flow.float()
-    xs = torch.arange(width, dtype=torch.float32, device=flow.device)
-    ys = torch.arange(height, dtype=torch.float32, device=flow.device)
+    coord_dtype = torch.promote_types(flow.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+    sample_dtype = torch.promote_types(image.dtype, coord_dtype)
+    flow32 = flow.to(coord_dtype)
+    xs = torch.arange(width, dtype=coord_dtype, device=flow.device)
+    ys = torch.arange(height, dtype=coord_dtype, device=flow.device)
     sample_x = xs.view(1, 1, width) + flow32[:, 0]
     sample_y = ys.view(1, height, 1) + flow32[:, 1]
     # grid_sample(align_corners=False) maps a normalised g to pixel (g + 1) * W / 2 - 0.5.
     grid = torch.stack(((2.0 * sample_x + 1.0) / width - 1.0,
                         (2.0 * sample_y + 1.0) / height - 1.0), dim=-1)
-    out = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border",
-                        align_corners=False)
+    out = F.grid_sample(image.to(sample_dtype), grid.to(sample_dtype), mode="bilinear",
+                        padding_mode="border", align_corners=False)
     return out.to(image.dtype)
 
 

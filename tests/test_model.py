@@ -1,0 +1,149 @@
+"""Model-level behaviour: sizes and padding, time layouts, batching, layouts, dtypes, gradients."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import film_fast
+from film_fast.checkpoints.naming import from_official, from_port, infer_options
+from film_fast.pyramid import padding_for
+
+from conftest import GOLDEN, golden, nchw
+
+
+def _frames(b=2, h=64, w=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, h, w, generator=g), torch.rand(b, 3, h, w, generator=g)
+
+
+def test_published_config_matches_both_public_name_tables():
+    """The published model's 82 tensors, by official and by port name, map onto FILM()'s state dict."""
+    official, port = {}, {}
+    with open(os.path.join(GOLDEN, "full_config_names.tsv")) as f:
+        for line in f:
+            if line.startswith("#") or line.startswith("official_name"):
+                continue
+            oname, oshape, pkey, pshape = line.rstrip("\n").split("\t")
+            official[oname] = np.zeros(eval(oshape), np.float32)  # shapes like "(3, 3, 3, 64)"
+            port[pkey] = torch.zeros(eval(pshape))
+    expected = {k: tuple(v.shape) for k, v in film_fast.FILM().state_dict().items()}
+    for mapped in (from_official(official), from_port(port)):
+        assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
+        assert infer_options(mapped) == film_fast.Options()
+    assert len(expected) == 82
+    n_params = sum(int(np.prod(s)) for s in expected.values())
+    assert n_params == film_fast.FILM().num_parameters()
+    assert n_params == 34_436_667  # "34 M parameters, 137.8 MB in fp32"
+    assert abs(n_params * 4 / 1e6 - 137.8) < 0.5
+
+
+def test_pyramid_levels_required_for_unpublished_config(small_model):
+    with pytest.raises(film_fast.CheckpointError, match="pyramid_levels"):
+        infer_options(small_model.state_dict())
+
+
+@pytest.mark.parametrize("h,w", [(64, 96), (37, 61), (65, 64), (1, 1), (100, 17)])
+def test_any_size_pads_centred_like_official(small_model, h, w):
+    x0, x1 = _frames(1, h, w)
+    m = small_model.options.size_multiple
+    with torch.no_grad():
+        out = small_model(x0, x1, 0.5)
+        left, right, top, bottom = padding_for(h, w, m)
+        padded = small_model(F.pad(x0, (left, right, top, bottom)), F.pad(x1, (left, right, top, bottom)), 0.5)
+    assert out.shape == (1, 3, h, w)
+    torch.testing.assert_close(out, padded[..., top:top + h, left:left + w], rtol=0, atol=0)
+
+
+def test_padding_offsets_are_pad_over_two_before():
+    assert padding_for(64, 64, 64) == (0, 0, 0, 0)
+    assert padding_for(37, 61, 16) == (1, 2, 5, 6)  # pad_w=3 -> 1 left, 2 right; pad_h=11 -> 5, 6
+
+
+def test_time_layouts_agree_and_bad_ones_fail(small_model):
+    x0, x1 = _frames(2)
+    with torch.no_grad():
+        a = small_model(x0, x1, torch.tensor([[0.25], [0.75]]))
+        b = small_model(x0, x1, torch.tensor([0.25, 0.75]))
+        c = small_model(x0, x1, 0.5)
+        d = small_model(x0, x1, torch.full((2, 1), 0.5))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(c, d, rtol=0, atol=0)
+    assert (a - c).abs().max() > 1e-4  # t really changes the result
+    for bad in (torch.zeros(3), torch.zeros(2, 2), torch.zeros(1, 1, 1)):
+        with pytest.raises(ValueError, match="batch_dt"):
+            small_model(x0, x1, bad)
+
+
+def test_batch_equals_per_sample(small_model):
+    x0, x1 = _frames(3)
+    t = torch.tensor([0.5, 0.3, 0.9])
+    with torch.no_grad():
+        batched = small_model(x0, x1, t)
+        single = torch.cat([small_model(x0[i:i + 1], x1[i:i + 1], t[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, single, rtol=0, atol=2e-6)
+
+
+def test_layouts_channels_last_and_non_contiguous(small_model):
+    x0, x1 = _frames(2)
+    with torch.no_grad():
+        ref = small_model(x0, x1, 0.5)
+        cl = small_model(x0.contiguous(memory_format=torch.channels_last),
+                         x1.contiguous(memory_format=torch.channels_last), 0.5)
+        wide0, wide1 = torch.rand(2, 3, 64, 192), torch.rand(2, 3, 64, 192)
+        wide0[..., ::2], wide1[..., ::2] = x0, x1
+        strided = small_model(wide0[..., ::2], wide1[..., ::2], 0.5)
+    torch.testing.assert_close(cl, ref, rtol=0, atol=0)
+    torch.testing.assert_close(strided, ref, rtol=0, atol=0)
+
+
+def test_input_validation_messages(small_model):
+    x0, x1 = _frames(1)
+    with pytest.raises(ValueError, match=r"x1 .*same shape"):
+        small_model(x0, x1[..., :32], 0.5)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        small_model(x0[:, :2], x1[:, :2], 0.5)
+    with pytest.raises(TypeError, match="floating"):
+        small_model((x0 * 255).byte(), (x1 * 255).byte(), 0.5)
+
+
+def test_gradients_reach_inputs_and_every_parameter(small_model):
+    model = film_fast.FILM(small_model.options, backend="torch")
+    model.load_state_dict(small_model.state_dict())
+    x0, x1 = _frames(1, 32, 48)
+    x0.requires_grad_(True)
+    out = model(x0, x1, 0.5)
+    out.square().mean().backward()
+    assert x0.grad is not None and x0.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_runs_and_stays_close(small_model, dtype):
+    """Low precision works on CPU (warp sampling stays fp32); accuracy vs fp32 is bounded."""
+    low = film_fast.FILM(small_model.options, backend="torch").to(dtype)
+    low.load_state_dict(small_model.state_dict())
+    d = golden("official_small_realflow")
+    x0, x1 = nchw(d["x0"]), nchw(d["x1"])
+    with torch.no_grad():
+        ref = small_model(x0, x1, 0.5)
+        out = low(x0, x1, 0.5)
+    assert out.dtype == dtype
+    err = (out.float() - ref).abs()
+    # bf16 has 8 mantissa bits (eps 3.9e-3), fp16 11 (eps 4.9e-4); errors stay within a few eps.
+    eps = torch.finfo(dtype).eps
+    assert err.mean() < 2 * eps and err.max() < 64 * eps, (err.mean().item(), err.max().item())
+
+
+def test_backend_selection(small_model, monkeypatch):
+    model = film_fast.FILM(small_model.options, backend="torch")
+    assert all(getattr(m, "backend", "torch") == "torch" for m in model.modules())
+    with pytest.raises(ValueError, match="unknown backend"):
+        film_fast.FILM(small_model.options, backend="tensorflow")
+    monkeypatch.setenv("FILM_FAST_BACKEND", "torch")
+    assert film_fast.FILM(small_model.options, backend=None).backend == "torch"
