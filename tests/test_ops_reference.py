@@ -192,7 +192,11 @@ def test_upsample_conv2x2_uses_half_pixel_nearest():
 
 # ---- dispatch ------------------------------------------------------------------------------
 @pytest.fixture
-def fake_op():
+def fake_op(monkeypatch):
+    """An op only the torch backend implements; the triton package counts as importable."""
+    monkeypatch.setattr(dispatch, "_loaded", dispatch._loaded | {"triton"})
+    monkeypatch.setattr(dispatch, "_load_errors", {k: v for k, v in dispatch._load_errors.items()
+                                                   if k != "triton"})
     dispatch.register("fake_op", "torch")(lambda x: x + 1)
     yield "fake_op"
     dispatch._IMPLS.pop(("fake_op", "torch"), None)
@@ -207,7 +211,7 @@ def test_explicit_backend_without_implementation_raises_clearly(fake_op):
 def test_auto_falls_back_to_torch_with_logged_reason(fake_op, caplog):
     dispatch._logged.clear()
     with caplog.at_level(logging.INFO, logger="film_fast"):
-        name, impl = dispatch.resolve(fake_op, "auto", torch.device("cpu"))
+        name, impl = dispatch.resolve(fake_op, "auto", torch.device("cuda"))
     assert name == "torch" and impl(1) == 2
     assert "no implementation of 'fake_op'" in caplog.text
 
@@ -215,12 +219,15 @@ def test_auto_falls_back_to_torch_with_logged_reason(fake_op, caplog):
 def test_auto_prefers_a_kernel_backend_that_can_run(fake_op):
     dispatch.register(fake_op, "triton")(lambda x: x + 2)
     dispatch.register_verifier("triton", lambda device: (True, ""))
+    cuda = torch.device("cuda")  # resolve() only reads the device type; no GPU needed
     try:
-        assert dispatch.resolve(fake_op, None, torch.device("cpu"))[0] == "triton"
-        dispatch.register_verifier("triton", lambda device: (False, "no GPU"))
+        assert dispatch.resolve(fake_op, None, cuda)[0] == "triton"
+        # On CPU, auto never picks the interpreter-only kernels.
         assert dispatch.resolve(fake_op, None, torch.device("cpu"))[0] == "torch"
+        dispatch.register_verifier("triton", lambda device: (False, "no GPU"))
+        assert dispatch.resolve(fake_op, None, cuda)[0] == "torch"
         with pytest.raises(dispatch.BackendUnavailable, match="no GPU"):
-            dispatch.resolve(fake_op, "triton", torch.device("cpu"))
+            dispatch.resolve(fake_op, "triton", cuda)
     finally:
         dispatch._VERIFIERS.pop("triton", None)
 

@@ -23,10 +23,13 @@ from . import reference
 from .dispatch import (BACKENDS, BackendUnavailable, available_backends, normalize_backend,
                        register, resolve)
 
-__all__ = ["warp", "upsample_flow", "conv2d", "avg_pool2x2", "upsample_conv2x2", "BACKENDS",
+OPS = ("warp", "upsample_flow", "conv2d", "avg_pool2x2", "upsample_conv2x2", "upsample_flow_warp",
+       "conv2d_levels", "conv2d_pool")
+
+__all__ = list(OPS) + ["BACKENDS",
            "BackendUnavailable", "available_backends", "normalize_backend", "register", "resolve"]
 
-for _name in ("warp", "upsample_flow", "conv2d", "avg_pool2x2", "upsample_conv2x2"):
+for _name in OPS:
     register(_name, "torch")(getattr(reference, _name))
 
 
@@ -125,3 +128,58 @@ def upsample_conv2x2(x: torch.Tensor, size: Sequence[int], weight: torch.Tensor,
     _check_float("x", x)
     _, impl = resolve("upsample_conv2x2", backend, x.device)
     return impl(x, size, weight, bias)
+
+
+def upsample_flow_warp(flow: torch.Tensor, features: torch.Tensor, out: Optional[torch.Tensor] = None,
+                       *, backend: Optional[str] = None):
+    """Fused flow-estimator step: ``up = resize_bilinear(2 flow)``, ``warped = warp(features, up)``.
+
+    Args:
+        flow: ``[B, 2, h, w]`` coarse flow (coarse pixels).
+        features: ``[B, C, H, W]`` finer-level features to warp.
+        out: optional ``[B, C, H, W]`` destination (e.g. ``buf[:, Ca:]`` of the predictor's
+            input buffer) so the warped features need no separate concat.
+    Returns:
+        ``(up [B, 2, H, W] in features' pixels, warped [B, C, H, W])``.
+    """
+    _check_float("flow", flow)
+    _check_float("features", features)
+    if flow.shape[0] != features.shape[0] or flow.shape[1] != 2:
+        raise ValueError(f"flow must be [B, 2, h, w] with B = {features.shape[0]}, got "
+                         f"{list(flow.shape)}")
+    if out is not None and tuple(out.shape) != tuple(features.shape):
+        raise ValueError(f"out must have the features' shape {list(features.shape)}, got "
+                         f"{list(out.shape)}")
+    _, impl = resolve("upsample_flow_warp", backend, features.device)
+    return impl(flow, features, out)
+
+
+def conv2d_levels(xs, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  activation: Optional[str] = None, *, backend: Optional[str] = None) -> list:
+    """One conv's weights applied to several pyramid levels (one launch in kernel backends).
+
+    Args:
+        xs: list of ``[B_l, Cin, H_l, W_l]`` tensors.
+    Returns:
+        list of ``[B_l, Cout, H_l, W_l]``.
+    """
+    xs = list(xs)
+    if not xs:
+        return []
+    for i, x in enumerate(xs):
+        _check_float(f"xs[{i}]", x)
+        if x.shape[1] != weight.shape[1]:
+            raise ValueError(f"xs[{i}] has {x.shape[1]} channels, weight expects {weight.shape[1]}")
+    _, impl = resolve("conv2d_levels", backend, xs[0].device)
+    return impl(xs, weight, bias, activation)
+
+
+def conv2d_pool(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                activation: Optional[str] = None, *, backend: Optional[str] = None):
+    """Conv (+bias, +activation) and its 2x2 average pool in one pass: ``(y, pool(y))``."""
+    _check_float("x", x)
+    if weight.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be [Cout, {x.shape[1]}, kh, kw] for x {list(x.shape)}, "
+                         f"got {list(weight.shape)}")
+    _, impl = resolve("conv2d_pool", backend, x.device)
+    return impl(x, weight, bias, activation)

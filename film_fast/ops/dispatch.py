@@ -19,14 +19,32 @@ import torch
 log = logging.getLogger("film_fast")
 
 BACKENDS = ("torch", "triton", "cupy")
-AUTO_ORDER = ("triton", "cupy", "torch")
+# "auto" preference per device type. On CPU the kernels only run under the Triton interpreter
+# (a test tool, ~1000x slower than oneDNN), so auto means torch there.
+AUTO_ORDER = {"cuda": ("triton", "cupy", "torch"), "cpu": ("torch",)}
 ENV_VAR = "FILM_FAST_BACKEND"
+# Kernel backends live in film_fast.kernels.<name>; importing one registers its ops and verifier.
+KERNEL_MODULES = {"triton": "film_fast.kernels.triton", "cupy": "film_fast.kernels.cupy"}
 
 # (op name, backend) -> implementation
 _IMPLS: Dict[Tuple[str, str], Callable] = {}
 # backend -> callable(device) -> (ok, reason)
 _VERIFIERS: Dict[str, Callable[[torch.device], Tuple[bool, str]]] = {}
 _logged: set = set()
+_load_errors: Dict[str, str] = {}
+_loaded: set = {"torch"}
+
+
+def _ensure_loaded(backend: str) -> None:
+    """Imports a kernel backend's package on first use (keeps ``import film_fast`` light)."""
+    if backend in _loaded or backend in _load_errors:
+        return
+    import importlib
+    try:
+        importlib.import_module(KERNEL_MODULES[backend])
+        _loaded.add(backend)
+    except ImportError as e:
+        _load_errors[backend] = f"{backend} backend unavailable ({e})"
 
 
 class BackendUnavailable(RuntimeError):
@@ -61,6 +79,9 @@ def normalize_backend(backend: Optional[str]) -> str:
 
 
 def _can_run(op: str, backend: str, device: torch.device) -> Tuple[bool, str]:
+    _ensure_loaded(backend)
+    if backend in _load_errors:
+        return False, _load_errors[backend]
     if (op, backend) not in _IMPLS:
         return False, f"backend {backend!r} has no implementation of {op!r}"
     verifier = _VERIFIERS.get(backend)
@@ -78,7 +99,7 @@ def resolve(op: str, backend: Optional[str], device: torch.device) -> Tuple[str,
             raise BackendUnavailable(f"film_fast.ops.{op}: {reason} (device {device})")
         return name, _IMPLS[(op, name)]
     reasons = []
-    for candidate in AUTO_ORDER:
+    for candidate in AUTO_ORDER.get(device.type, ("torch",)):
         ok, reason = _can_run(op, candidate, device)
         if ok:
             if reasons:

@@ -128,3 +128,50 @@ def upsample_conv2x2(x: torch.Tensor, size: Sequence[int], weight: torch.Tensor,
     """
     up = F.interpolate(x, size=tuple(int(s) for s in size), mode="nearest-exact")
     return conv2d(up, weight, bias, activation=None)
+
+
+# ---- fused compositions (kernel backends implement each in one pass) ----------------------
+def upsample_flow_warp(flow: torch.Tensor, features: torch.Tensor,
+                       out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One coarse-to-fine step of the flow estimator: upsample the flow, warp the next level.
+
+    ``up = resize_bilinear(2 * flow, features.shape[-2:])``;
+    ``warped = warp(features, up)``.
+
+    Args:
+        flow: ``[B, 2, h, w]`` coarse flow.
+        features: ``[B, C, H, W]`` the finer level's features of the frame to warp.
+        out: optional ``[B, C, H, W]`` destination for ``warped`` (typically a channel
+            slice of the buffer the flow predictor reads, so no concat is needed).
+    Returns:
+        ``(up [B, 2, H, W], warped [B, C, H, W])``; ``warped is out`` when given.
+    """
+    up = upsample_flow(flow, features.shape[-2:])
+    warped = warp(features, up)
+    if out is not None:
+        out.copy_(warped)
+        warped = out
+    return up, warped
+
+
+def conv2d_levels(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  activation: Optional[str] = None) -> list:
+    """The same conv applied to several pyramid levels (FILM shares sub-tree and predictor weights).
+
+    Args:
+        xs: list of ``[B_l, Cin, H_l, W_l]``.
+    Returns:
+        list of ``[B_l, Cout, H_l, W_l]``.
+    """
+    return [conv2d(x, weight, bias, activation) for x in xs]
+
+
+def conv2d_pool(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                activation: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Conv (+bias, +activation) and its 2x2 average pool (the next sub-tree stage's input).
+
+    Returns:
+        ``(y [B, Cout, H, W], avg_pool2x2(y) [B, Cout, H//2, W//2])``.
+    """
+    y = conv2d(x, weight, bias, activation)
+    return y, avg_pool2x2(y)
