@@ -8,6 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+# Without a GPU every Triton kernel runs on CPU tensors through the interpreter. It must be set
+# before triton.jit decorates anything, i.e. before any film_fast.kernels.triton import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 GOLDEN = os.path.join(DATA, "golden")
 PHOTOS = os.path.join(DATA, "photos")
