@@ -327,6 +327,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     _check_backend(args.backend, device)
     options = Options() if args.config == "published" else Options(**SMALL_OPTIONS)
     model = FILM(options, backend=args.backend).to(device=device, dtype=dtype).eval()
+    # A published-model frame takes seconds on a CPU and milliseconds on a GPU.
+    if args.iters is None:
+        args.iters = 10 if device.type == "cuda" else 3
+    if args.warmup is None:
+        args.warmup = 3 if device.type == "cuda" else 1
     t = torch.full((1, 1), 0.5, device=device)
     results = []
     for width, height in args.sizes:
@@ -423,8 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--sizes", type=_sizes, default=_sizes("256x256,512x512"),
                    metavar="WxH[,WxH...]", help="frame sizes (default: 256x256,512x512)")
-    p.add_argument("--iters", type=_int_at_least(1), default=10, help="timed runs per size")
-    p.add_argument("--warmup", type=_int_at_least(0), default=3, help="untimed runs per size")
+    p.add_argument("--iters", type=_int_at_least(1), default=None,
+                   help="timed runs per size (default: 10 on GPU, 3 on CPU)")
+    p.add_argument("--warmup", type=_int_at_least(0), default=None,
+                   help="untimed runs per size (default: 3 on GPU, 1 on CPU)")
     p.add_argument("--config", choices=("published", "small"), default="published",
                    help="architecture: the published film_net or a tiny test config")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
