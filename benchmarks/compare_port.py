@@ -55,7 +55,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--port", required=True, help="path of a frame-interpolation-pytorch checkout")
     p.add_argument("--size", default="512x512", help="HxW (multiples of 64 for the port)")
-    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--dtype", default="fp32", help="film_fast's dtype")
+    p.add_argument("--port-dtype", default="fp32",
+                   help="the port's dtype (bf16/fp16 grid_sample is broken on CPU: keep fp32 there)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--torchscript", action="store_true", help="run the port through torch.jit.script")
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
     h, w = (int(v) for v in args.size.lower().split("x"))
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype)
+    port_dtype = resolve_dtype(args.port_dtype)
 
     torch.manual_seed(0)
     ours = film_fast.FILM().eval()
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
     port.load_state_dict(to_port(ours.state_dict()))
     # The port runs convs in the model dtype, like its film_net_fp16.pt; film_fast keeps warp
     # coordinates in fp32 whatever the dtype.
-    port = port.to(device=device, dtype=dtype)
+    port = port.to(device=device, dtype=port_dtype)
     if args.torchscript:
         port = torch.jit.script(port)
     ours = ours.to(device=device, dtype=dtype)
@@ -81,17 +84,18 @@ def main(argv=None) -> int:
     dt = torch.full((1, 1), 0.5, device=device)
 
     with torch.inference_mode():
-        out_port = port(x0.to(dtype), x1.to(dtype), dt.to(dtype)).float()
+        out_port = port(x0.to(port_dtype), x1.to(port_dtype), dt.to(port_dtype)).float()
         out_ours = ours(x0, x1, dt).float()
         t_port, t_ours = [], []
         for _ in range(args.iters):
-            t_port.append(timed(lambda: port(x0.to(dtype), x1.to(dtype), dt.to(dtype)), device))
+            t_port.append(timed(lambda: port(x0.to(port_dtype), x1.to(port_dtype), dt.to(port_dtype)), device))
             t_ours.append(timed(lambda: ours(x0, x1, dt), device))
     result = {
-        "size": [h, w], "dtype": str(dtype), "device": str(device), "torch": torch.__version__,
+        "size": [h, w], "dtype": str(dtype), "port_dtype": str(port_dtype), "device": str(device), "torch": torch.__version__,
         "port_s": statistics.median(t_port), "film_fast_s": statistics.median(t_ours),
         "speedup": statistics.median(t_port) / statistics.median(t_ours),
         "max_abs_diff": (out_port - out_ours).abs().max().item(),
+        "psnr_vs_port_db": (10 * torch.log10(1.0 / (out_port - out_ours).square().mean())).item(),
         "threads": torch.get_num_threads(),
     }
     print(json.dumps(result, indent=1))

@@ -14,8 +14,14 @@ for ``j = 0 .. min(i, sub_levels - 1)``, the sub-tree of level ``i`` first::
     level 4: S4[0] | S3[1] | S2[2] | S1[3]
 
 so coarse levels see features computed from finer images (what lets the
-shared flow predictor work at every coarse level). Channel counts come from
-:meth:`film_fast.options.Options.feature_channels`.
+shared flow predictor work at every coarse level). Stages that would only
+feed levels beyond the pyramid are never run.
+
+Execution is stage-major: stage ``j`` runs on every level that needs it through
+one :func:`film_fast.ops.conv2d_levels` call per conv (the weights are shared),
+and each output is written straight into its level's buffer. A level buffer
+holds ``[image (3) | features]`` channels, which is exactly the source the fusion
+stage warps, so neither stage needs another concat.
 
 Parameter names: ``stages.{j}.convs.{n}.{weight,bias}``.
 """
@@ -27,6 +33,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .buffers import new_buffer
 from .layers import Conv
 from .options import Options
 
@@ -57,24 +64,38 @@ class FeatureExtractor(nn.Module):
             channels = options.filters << j
         self.stages = nn.ModuleList(stages)
 
-    def subtree(self, image: torch.Tensor, depth: int) -> List[torch.Tensor]:
-        """Runs ``depth`` stages on ``image [B, 3, H, W]``; stage j output is ``[B, k<<j, H>>j, W>>j]``."""
-        outputs = []
-        x = image
-        for j in range(depth):
-            if j > 0:
-                x = ops.avg_pool2x2(x, backend=self.backend)
-            x = self.stages[j](x)
-            outputs.append(x)
-        return outputs
+    def level_buffers(self, image_pyramid: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Image pyramid ``[N, 3, H>>i, W>>i]`` -> per level ``[N, 3 + C_i, H>>i, W>>i]``.
+
+        Channels ``[:3]`` hold the image, ``[3:]`` the cascaded features (C_i =
+        ``options.feature_channels(i)``).
+        """
+        opts = self.options
+        levels = len(image_pyramid)
+        buffers = []
+        for i, image in enumerate(image_pyramid):
+            n, _, h, w = image.shape
+            buf = new_buffer(n, 3 + opts.feature_channels(i), h, w, align=1, dtype=image.dtype,
+                             device=image.device)
+            buf[:, :3].copy_(image)
+            buffers.append(buf)
+        offsets = [3] * levels  # next free channel of each level buffer
+        inputs = list(image_pyramid)  # stage-j input of the sub-tree started at level i
+        for j in range(min(opts.sub_levels, levels)):
+            active = list(range(levels - j))  # sub-trees i with i + j < levels
+            stage = self.stages[j]
+            x = [inputs[i] for i in active]
+            for conv in stage.convs:
+                x = ops.conv2d_levels(x, conv.weight, conv.bias, conv.activation,
+                                      backend=self.backend)
+            for i, out in zip(active, x):
+                k = i + j  # the feature level this output belongs to
+                buffers[k][:, offsets[k]:offsets[k] + out.shape[1]].copy_(out)
+                offsets[k] += out.shape[1]
+            if j + 1 < opts.sub_levels:
+                inputs = [ops.avg_pool2x2(out, backend=self.backend) for out in x[:levels - j - 1]]
+        return buffers
 
     def forward(self, image_pyramid: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Image pyramid (finest first, ``[B, 3, H>>i, W>>i]``) -> feature pyramid of the same depth."""
-        levels = len(image_pyramid)
-        sub = self.options.sub_levels
-        trees = [self.subtree(image_pyramid[i], min(sub, levels - i)) for i in range(levels)]
-        features = []
-        for i in range(levels):
-            parts = [trees[i - j][j] for j in range(min(i + 1, sub))]
-            features.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
-        return features
+        """Image pyramid (finest first) -> feature pyramid ``[N, C_i, H>>i, W>>i]`` (views)."""
+        return [buf[:, 3:] for buf in self.level_buffers(image_pyramid)]

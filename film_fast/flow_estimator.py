@@ -10,23 +10,33 @@ A predictor is ``flow_convs`` 3x3 convs (LeakyReLU) on ``concat(a, b)``, a 1x1
 conv to ``flow_filters // 2`` (LeakyReLU) and a 1x1 conv to 2 channels (the
 flow head, no activation).
 
+Precision: flows are float32 whatever the model dtype. The head runs in fp32
+on the hidden features and the coarse-to-fine accumulation stays fp32: in bf16
+a 100 px flow would be quantised to 0.5 px steps.
+
+Execution: each level's predictor input is one buffer ``[a | warped b]``; the
+fused :func:`film_fast.ops.upsample_flow_warp` writes the warped half in place.
+:meth:`PyramidFlowEstimator.siamese` estimates both directions of a frame pair
+as one batch without materialising the swapped feature pyramid.
+
 Parameter names: ``predictors.{i}.convs.{n}`` (i = level, finest first) and
 ``shared.convs.{n}``; ``n`` runs over the 3x3 convs, then the 1x1 hidden, then the head.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
 
 from . import ops
+from .buffers import new_buffer
 from .layers import Conv
 from .options import Options
 
 
 class FlowPredictor(nn.Module):
-    """``(a [B, Ca, H, W], b [B, Cb, H, W]) -> flow [B, 2, H, W]`` with ``Ca + Cb = in_channels``."""
+    """``[a | b]`` buffer ``[N, Ca + Cb, H, W]`` -> flow ``[N, 2, H, W]`` (float32)."""
 
     def __init__(self, in_channels: int, num_convs: int, num_filters: int) -> None:
         super().__init__()
@@ -39,11 +49,16 @@ class FlowPredictor(nn.Module):
         convs.append(Conv(num_filters // 2, 2, 1, activation=None))
         self.convs = nn.ModuleList(convs)
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([a, b], dim=1)
-        for conv in self.convs:
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs[:-1]:
             x = conv(x)
-        return x
+        head = self.convs[-1]
+        # fp32 head: a no-op for fp32 models; 2 output channels, so the cast is cheap.
+        return ops.conv2d(x.float(), head.weight.float(), head.bias.float(), None,
+                          backend=head.backend)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.predict(torch.cat([a, b], dim=1))
 
 
 class PyramidFlowEstimator(nn.Module):
@@ -61,20 +76,46 @@ class PyramidFlowEstimator(nn.Module):
     def predictor(self, level: int) -> FlowPredictor:
         return self.predictors[level] if level < len(self.predictors) else self.shared
 
+    def _estimate(self, write_a: Callable[[int, torch.Tensor], None],
+                  features_b: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Shared coarse-to-fine loop; ``write_a(i, out)`` fills level i's ``a`` channels."""
+        levels = len(features_b)
+        residuals: List[torch.Tensor] = []
+        v: Optional[torch.Tensor] = None
+        for i in range(levels - 1, -1, -1):
+            fb = features_b[i]
+            n, c, h, w = fb.shape
+            buf = new_buffer(n, 2 * c, h, w, align=1, dtype=fb.dtype, device=fb.device)
+            write_a(i, buf[:, :c])
+            if v is None:
+                buf[:, c:2 * c].copy_(fb)
+            else:
+                v, _ = ops.upsample_flow_warp(v, fb, out=buf[:, c:2 * c], backend=self.backend)
+            residual = self.predictor(i).predict(buf)
+            residuals.append(residual)
+            v = residual if v is None else residual + v
+        residuals.reverse()
+        return residuals
+
     def forward(self, features_a: List[torch.Tensor],
                 features_b: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Residual flow pyramid from ``a`` to ``b``, finest first, each ``[B, 2, H>>i, W>>i]``.
+        """Residual flow pyramid from ``a`` to ``b``, finest first, each ``[N, 2, H>>i, W>>i]`` fp32.
 
         The coarsest entry is the flow itself (a residual against zero).
         """
-        levels = len(features_a)
-        v = self.predictor(levels - 1)(features_a[-1], features_b[-1])
-        residuals = [v]
-        for i in range(levels - 2, -1, -1):
-            v = ops.upsample_flow(v, features_a[i].shape[-2:], backend=self.backend)
-            warped = ops.warp(features_b[i], v, backend=self.backend)
-            residual = self.predictor(i)(features_a[i], warped)
-            residuals.append(residual)
-            v = residual + v
-        residuals.reverse()
-        return residuals
+        return self._estimate(lambda i, out: out.copy_(features_a[i]), features_b)
+
+    def siamese(self, features: List[torch.Tensor], batch: int) -> List[torch.Tensor]:
+        """Both directions of ``B`` frame pairs, with ``features[i] = [f0; f1]`` (``2B`` rows).
+
+        Returns residual pyramids in rows ``[x1 -> x0 ; x0 -> x1]``: row ``r`` uses
+        ``b = features[r]`` and ``a`` = the other frame of its pair, so the warped
+        half of each predictor buffer is written by the fused op directly, and only
+        the ``a`` half is copied with its rows swapped.
+        """
+        def write_swapped(i: int, out: torch.Tensor) -> None:
+            f = features[i]
+            out[:batch].copy_(f[batch:])
+            out[batch:].copy_(f[:batch])
+
+        return self._estimate(write_swapped, features)

@@ -11,6 +11,11 @@ channels. Starting from the coarsest level, for ``i = F-2 .. 0``::
 with width ``filters << min(i, specialized_levels)``; finally a 1x1 conv to RGB
 (no activation, no clamp).
 
+Execution: each level is one channels_last buffer ``[level_i | net | zero pad]``
+(see :mod:`film_fast.buffers`); the up step (:func:`film_fast.ops.upsample_conv2x2`,
+which never materialises the upsampled tensor in kernel backends) writes its
+``net`` channels in place, so the decoder needs no concat at all.
+
 Parameter names: ``levels.{i}.up`` (2x2), ``levels.{i}.convs.{0,1}`` (3x3),
 ``output`` (1x1); ``i`` = pyramid level, finest first.
 """
@@ -22,6 +27,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .buffers import channel_align, concat_into
 from .layers import Conv
 from .options import Options
 
@@ -49,14 +55,35 @@ class Fusion(nn.Module):
         self.levels = nn.ModuleList(levels)
         self.output = Conv(options.fusion_filters(0), 3, 1, activation=None)
 
-    def forward(self, pyramid: List[torch.Tensor]) -> torch.Tensor:
-        """Aligned pyramid (finest first) -> image ``[B, 3, H, W]``."""
-        net = pyramid[-1]
-        for i in range(len(pyramid) - 2, -1, -1):
+    def decode(self, buffers: List[torch.Tensor]) -> torch.Tensor:
+        """Decodes level buffers ``[B, >= fusion_input_channels(i) + fusion_filters(i), H, W]``.
+
+        Buffer ``i < F-1`` holds the level input in channels ``[:K_i]`` (``K_i =
+        options.fusion_input_channels(i)``) and receives ``net`` in
+        ``[K_i : K_i + fusion_filters(i)]``; remaining channels must be zero. The
+        coarsest buffer holds only its level input (plus zero padding).
+        Returns ``[B, 3, H, W]`` in the buffers' dtype.
+        """
+        opts = self.options
+        net = buffers[-1]
+        for i in range(len(buffers) - 2, -1, -1):
             level = self.levels[i]
-            net = ops.upsample_conv2x2(net, pyramid[i].shape[-2:], level.up.weight, level.up.bias,
-                                       backend=self.backend)
-            net = torch.cat([pyramid[i], net], dim=1)
+            buf = buffers[i]
+            k = opts.fusion_input_channels(i)
+            width = opts.fusion_filters(i)
+            up = ops.upsample_conv2x2(net, buf.shape[-2:], level.up.weight_for(net.shape[1]),
+                                      level.up.bias, backend=self.backend)
+            buf[:, k:k + width].copy_(up)
+            net = buf
             for conv in level.convs:
                 net = conv(net)
         return self.output(net)
+
+    def forward(self, pyramid: List[torch.Tensor]) -> torch.Tensor:
+        """Aligned pyramid (finest first, ``[B, K_i, H, W]``) -> image ``[B, 3, H, W]``."""
+        align = channel_align(pyramid[0].device, pyramid[0].dtype)
+        last = len(pyramid) - 1
+        buffers = [concat_into([p], align=align,
+                               extra=0 if i == last else self.options.fusion_filters(i))
+                   for i, p in enumerate(pyramid)]
+        return self.decode(buffers)

@@ -5,6 +5,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -26,6 +27,8 @@ class Conv(nn.Module):
         self.kernel_size = kernel_size
         self.activation = activation
         self.backend: Optional[str] = None
+        self._padded_key: Optional[tuple] = None
+        self._padded: Optional[torch.Tensor] = None
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels))
         self.reset_parameters()
@@ -37,8 +40,30 @@ class Conv(nn.Module):
         bound = 1.0 / math.sqrt(fan_in)
         nn.init.uniform_(self.bias, -bound, bound)
 
+    def weight_for(self, channels: int) -> torch.Tensor:
+        """The weight zero-extended to ``channels`` inputs (for channel-aligned buffers).
+
+        Extra input channels get zero weights, so the result does not depend on them.
+        The padded copy is cached for inference and rebuilt when the weight changes.
+        """
+        w = self.weight
+        extra = channels - w.shape[1]
+        if extra == 0:
+            return w
+        if extra < 0:
+            raise ValueError(f"conv expects {w.shape[1]} input channels, got {channels}")
+        if torch.is_grad_enabled() and w.requires_grad:
+            return F.pad(w, (0, 0, 0, 0, 0, extra))
+        key = (channels, w.dtype, w.device, w.data_ptr(), w._version)
+        if self._padded_key != key:
+            self._padded = F.pad(w.detach(), (0, 0, 0, 0, 0, extra))
+            self._padded_key = key
+        return self._padded
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.conv2d(x, self.weight, self.bias, self.activation, backend=self.backend)
+        """``[B, Cin (+zero padding channels), H, W] -> [B, Cout, H, W]``."""
+        return ops.conv2d(x, self.weight_for(x.shape[1]), self.bias, self.activation,
+                          backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

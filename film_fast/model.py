@@ -16,9 +16,11 @@ Graph (see the stage modules for details):
 6. fuse ``concat(warped_0, warped_1, backward_flow, forward_flow)``
    (:mod:`film_fast.fusion`).
 
-Both frames go through the feature extractor as one batch of ``2B``, both flow
-directions are estimated as one batch, and both warps run as one batch: the
-results are the same as running them separately, with a third of the launches.
+Both frames go through the feature extractor as one batch of ``2B``, and both
+flow directions are estimated as one batch; the results are the same as running
+them separately, with half the launches. Every channel concat of the graph is a
+buffer written in place by its producers (:mod:`film_fast.buffers`). Flows are
+float32 whatever the model dtype.
 
 Sizes: H and W need not be multiples of ``2^(pyramid_levels-1)``; other sizes
 are zero-padded, centred, exactly like the official wrapper, and cropped back.
@@ -35,6 +37,7 @@ from .feature_extractor import FeatureExtractor
 from .flow_estimator import PyramidFlowEstimator
 from .fusion import Fusion
 from .options import Options
+from .buffers import channel_align, new_buffer
 from .pyramid import build_image_pyramid, crop_padding, pad_to_multiple, synthesize_flow_pyramid
 
 TimeLike = Union[torch.Tensor, float, int]
@@ -122,39 +125,47 @@ class FILM(nn.Module):
         # flow error against the official model); on GPUs it is the tensor-core layout.
         x = x.contiguous(memory_format=self.memory_format)
 
+        # Level buffers [2B, 3 + C_i]: frame 0 rows, then frame 1 rows; image, then features.
         image_pyramid = build_image_pyramid(x, opts.pyramid_levels, self.backend)
-        feature_pyramid = self.extract(image_pyramid)
+        levels = self.extract.level_buffers(image_pyramid)
+        features = [buf[:, 3:] for buf in levels]
 
-        # a = [f0; f1], b = [f1; f0]: the first half estimates x0 -> x1 ("forward"),
-        # the second half x1 -> x0 ("backward").
-        swapped = [torch.cat([f[batch:], f[:batch]], dim=0) for f in feature_pyramid]
-        residuals = self.predict_flow(feature_pyramid, swapped)
+        # Residuals in rows [x1 -> x0 (backward); x0 -> x1 (forward)], float32.
+        residuals = self.predict_flow.siamese(features, batch)
         flows = synthesize_flow_pyramid(residuals, opts.fusion_pyramid_levels, self.backend)
 
-        # Warp frame 0 by t * backward_flow and frame 1 by (1 - t) * forward_flow, as one batch.
+        # Fusion level buffers [w0 | w1 | t * backward_flow | (1 - t) * forward_flow | net | pad]:
+        # frame 0 is warped by the backward flow (it reads x0 at the in-between time), frame 1 by
+        # the forward flow; every piece is written in place.
+        align = channel_align(x.device, dtype)
         scale = torch.cat([dt, 1.0 - dt]).view(2 * batch, 1, 1, 1)
-        aligned = []
-        warped_images = []
-        for i in range(opts.fusion_pyramid_levels):
-            flow_i = torch.cat([flows[i][batch:], flows[i][:batch]], dim=0)  # [backward; forward]
-            flow_i = flow_i * scale.to(flow_i.dtype)
-            source = torch.cat([image_pyramid[i], feature_pyramid[i]], dim=1)
-            warped = ops.warp(source, flow_i, backend=self.backend)
-            if i == 0 and debug:
-                warped_images = [warped[:batch, :3], warped[batch:, :3]]
-            aligned.append(torch.cat([warped[:batch], warped[batch:], flow_i[:batch],
-                                      flow_i[batch:]], dim=1))
-        image = crop_padding(self.fuse(aligned), pads)
+        fusion_levels = opts.fusion_pyramid_levels
+        buffers = []
+        for i in range(fusion_levels):
+            src = levels[i]
+            c = src.shape[1]
+            _, _, h, w = src.shape
+            extra = 0 if i == fusion_levels - 1 else opts.fusion_filters(i)
+            buf = new_buffer(batch, 2 * c + 4 + extra, h, w, align=align, dtype=dtype,
+                             device=x.device)
+            flow_t = flows[i] * scale  # fp32 [2B, 2, H, W]: [t * backward; (1 - t) * forward]
+            ops.warp(src[:batch], flow_t[:batch], out=buf[:, :c], backend=self.backend)
+            ops.warp(src[batch:], flow_t[batch:], out=buf[:, c:2 * c], backend=self.backend)
+            buf[:, 2 * c:2 * c + 2].copy_(flow_t[:batch])
+            buf[:, 2 * c + 2:2 * c + 4].copy_(flow_t[batch:])
+            buffers.append(buf)
+        image = crop_padding(self.fuse.decode(buffers), pads)
         if not debug:
             return {"image": image}
+        c0 = levels[0].shape[1]
         return {
             "image": [image],
-            "forward_residual_flow_pyramid": [r[:batch] for r in residuals],
-            "backward_residual_flow_pyramid": [r[batch:] for r in residuals],
-            "forward_flow_pyramid": [f[:batch] for f in flows],
-            "backward_flow_pyramid": [f[batch:] for f in flows],
-            "x0_warped": crop_padding(warped_images[0], pads),
-            "x1_warped": crop_padding(warped_images[1], pads),
+            "forward_residual_flow_pyramid": [r[batch:] for r in residuals],
+            "backward_residual_flow_pyramid": [r[:batch] for r in residuals],
+            "forward_flow_pyramid": [f[batch:] for f in flows],
+            "backward_flow_pyramid": [f[:batch] for f in flows],
+            "x0_warped": crop_padding(buffers[0][:, :3], pads),
+            "x1_warped": crop_padding(buffers[0][:, c0:c0 + 3], pads),
         }
 
     def forward(self, x0: torch.Tensor, x1: torch.Tensor, batch_dt: TimeLike = 0.5) -> torch.Tensor:

@@ -323,7 +323,7 @@ def test_conv_flops_published():
 
 def test_conv_flops_counts_every_conv(monkeypatch):
     counted = [0]
-    conv2d, upsample_conv2x2 = ops.conv2d, ops.upsample_conv2x2
+    conv2d, upsample_conv2x2, conv2d_levels = ops.conv2d, ops.upsample_conv2x2, ops.conv2d_levels
 
     def count(y, weight):
         counted[0] += 2 * weight.numel() * y.shape[0] * y.shape[2] * y.shape[3]
@@ -333,6 +333,8 @@ def test_conv_flops_counts_every_conv(monkeypatch):
                         count(conv2d(x, w, b, a, backend=backend), w))
     monkeypatch.setattr(ops, "upsample_conv2x2", lambda x, s, w, b=None, *, backend=None:
                         count(upsample_conv2x2(x, s, w, b, backend=backend), w))
+    monkeypatch.setattr(ops, "conv2d_levels", lambda xs, w, b=None, a=None, *, backend=None:
+                        [count(y, w) for y in conv2d_levels(xs, w, b, a, backend=backend)])
     options = small_options()
     model = film_fast.FILM(options, backend="torch").eval()
     with torch.inference_mode():

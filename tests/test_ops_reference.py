@@ -240,3 +240,31 @@ def test_env_var_and_unknown_names(monkeypatch, fake_op):
     assert dispatch.resolve(fake_op, None, torch.device("cpu"))[0] == "torch"
     with pytest.raises(ValueError, match="unknown backend"):
         dispatch.normalize_backend("jax")
+
+
+# ---- the torch backend's fast paths equal the reference ------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("activation", [None, "leaky_relu"])
+def test_torch_fast_conv_matches_reference(dtype, k, activation):
+    from film_fast.ops import torch_fast
+    x = torch.randn(2, 37, 11, 13).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(19, 37, k, k) * 0.1
+    b = torch.randn(19)
+    truth = reference_conv = None
+    with torch.no_grad():
+        truth = ops.reference.conv2d(x, w, b, activation)  # fp32 truth
+        fast = torch_fast.conv2d(x.to(dtype), w.to(dtype), b.to(dtype), activation).float()
+        reference_conv = ops.reference.conv2d(x.to(dtype), w.to(dtype), b.to(dtype), activation).float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast, truth, rtol=1e-5, atol=1e-5)
+    else:  # at most 2x plain PyTorch's bf16 error against the fp32 truth
+        assert (fast - truth).abs().max() <= 2 * (reference_conv - truth).abs().max() + 1e-3
+
+
+def test_torch_fast_conv_keeps_autograd():
+    from film_fast.ops import torch_fast
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    w = torch.randn(3, 4, 3, 3, requires_grad=True)
+    torch_fast.conv2d(x, w, None, "leaky_relu").sum().backward()
+    assert x.grad is not None and w.grad is not None

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import reference
+from . import reference, torch_fast
 from .dispatch import (BACKENDS, BackendUnavailable, available_backends, normalize_backend,
                        register, resolve)
 
@@ -30,7 +30,7 @@ __all__ = list(OPS) + ["BACKENDS",
            "BackendUnavailable", "available_backends", "normalize_backend", "register", "resolve"]
 
 for _name in OPS:
-    register(_name, "torch")(getattr(reference, _name))
+    register(_name, "torch")(getattr(torch_fast, _name, None) or getattr(reference, _name))
 
 
 def _check_float(name: str, t: torch.Tensor, ndim: int = 4) -> None:
@@ -42,7 +42,8 @@ def _check_float(name: str, t: torch.Tensor, ndim: int = 4) -> None:
         raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
 
 
-def warp(image: torch.Tensor, flow: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+def warp(image: torch.Tensor, flow: torch.Tensor, out: Optional[torch.Tensor] = None, *,
+         backend: Optional[str] = None) -> torch.Tensor:
     """Backward bilinear warp with border clamping (FILM's convention).
 
     ``out[b, :, y, x] = bilinear(image[b], x + dx, y + dy)`` with ``(dx, dy) =
@@ -52,9 +53,11 @@ def warp(image: torch.Tensor, flow: torch.Tensor, *, backend: Optional[str] = No
     Args:
         image: ``[B, C, H, W]`` float (fp32/fp16/bf16).
         flow: ``[B, 2, H, W]`` ``(dx, dy)`` in pixels; any float dtype.
+        out: optional ``[B, C, H, W]`` destination of any strides (e.g. a channel slice of
+            a concat buffer); the result is written there and returned.
         backend: see module docstring.
     Returns:
-        ``[B, C, H, W]`` in ``image.dtype``.
+        ``[B, C, H, W]`` in ``image.dtype`` (``out`` when given).
     """
     _check_float("image", image)
     _check_float("flow", flow)
@@ -62,8 +65,14 @@ def warp(image: torch.Tensor, flow: torch.Tensor, *, backend: Optional[str] = No
     if tuple(flow.shape) != (b, 2, h, w):
         raise ValueError(f"flow must be [B, 2, H, W] = {[b, 2, h, w]} for image "
                          f"{list(image.shape)}, got {list(flow.shape)}")
+    if out is not None and tuple(out.shape) != tuple(image.shape):
+        raise ValueError(f"out must be {list(image.shape)}, got {list(out.shape)}")
     _, impl = resolve("warp", backend, image.device)
-    return impl(image, flow)
+    result = impl(image, flow)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
 
 
 def upsample_flow(flow: torch.Tensor, size: Sequence[int], residual: Optional[torch.Tensor] = None,
