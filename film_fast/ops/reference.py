@@ -23,6 +23,31 @@ import torch.nn.functional as F
 LEAKY_SLOPE = 0.2
 
 
+_GRIDS: dict = {}
+
+
+def _pixel_grid(height: int, width: int, dtype: torch.dtype, device: torch.device):
+    """``(base [1, H, W, 2], scale [2])``: normalised pixel centres and the pixel->grid factor.
+
+    Cached per size: FILM warps the same few pyramid sizes every frame, and rebuilding
+    the grid costs ~8 small ops per warp.
+    """
+    key = (height, width, dtype, str(device))
+    cached = _GRIDS.get(key)
+    if cached is None:
+        with torch.inference_mode(False), torch.no_grad():
+            xs = (2 * torch.arange(width, dtype=torch.float64) + 1) / width - 1
+            ys = (2 * torch.arange(height, dtype=torch.float64) + 1) / height - 1
+            base = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1)
+            scale = torch.tensor([2.0 / width, 2.0 / height], dtype=torch.float64)
+            cached = (base.unsqueeze(0).to(device=device, dtype=dtype),
+                      scale.to(device=device, dtype=dtype))
+        if len(_GRIDS) > 64:
+            _GRIDS.clear()
+        _GRIDS[key] = cached
+    return cached
+
+
 def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """Backward bilinear warp with border clamping.
 
@@ -45,14 +70,10 @@ def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     _, _, height, width = image.shape
     coord_dtype = torch.promote_types(flow.dtype, torch.float32)  # fp32, or fp64 for gradcheck
     sample_dtype = torch.promote_types(image.dtype, coord_dtype)
-    flow32 = flow.to(coord_dtype)
-    xs = torch.arange(width, dtype=coord_dtype, device=flow.device)
-    ys = torch.arange(height, dtype=coord_dtype, device=flow.device)
-    sample_x = xs.view(1, 1, width) + flow32[:, 0]
-    sample_y = ys.view(1, height, 1) + flow32[:, 1]
-    # grid_sample(align_corners=False) maps a normalised g to pixel (g + 1) * W / 2 - 0.5.
-    grid = torch.stack(((2.0 * sample_x + 1.0) / width - 1.0,
-                        (2.0 * sample_y + 1.0) / height - 1.0), dim=-1)
+    base, scale = _pixel_grid(height, width, coord_dtype, flow.device)
+    # grid_sample(align_corners=False) reads pixel (g + 1) * W / 2 - 0.5 at normalised g, so pixel
+    # x + dx is g = (2x + 1) / W - 1 + dx * 2 / W: the cached base plus the scaled flow.
+    grid = torch.addcmul(base, flow.to(coord_dtype).permute(0, 2, 3, 1), scale)
     out = F.grid_sample(image.to(sample_dtype), grid.to(sample_dtype), mode="bilinear",
                         padding_mode="border", align_corners=False)
     return out.to(image.dtype)

@@ -1,0 +1,67 @@
+"""Counting the kernel-launching ATen ops of a forward pass (a CPU-side proxy for GPU launches).
+
+A TorchDispatchMode sees every ATen op. Views (``slice``, ``view``, ``permute``,
+...) and no-op conversions (``.to`` returning its input) launch nothing and are
+not counted; every op that writes memory is.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Callable, Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+VIEW_OPS = frozenset({
+    "aten.slice", "aten.select", "aten.view", "aten._unsafe_view", "aten.unsqueeze",
+    "aten.squeeze", "aten.permute", "aten.expand", "aten.as_strided", "aten.t",
+    "aten.transpose", "aten.alias", "aten.detach", "aten.split", "aten.split_with_sizes",
+    "aten.chunk", "aten.unbind", "aten.narrow", "aten.lift_fresh", "aten.reshape",
+    "aten.contiguous", "aten.view_as", "aten.unfold", "aten.diagonal", "aten.expand_as",
+    "aten.movedim", "aten.numpy_T", "aten.flatten", "aten.unflatten", "aten.dim",
+    "aten.size", "aten.stride", "aten.is_contiguous", "aten.sym_size", "aten.sym_stride",
+    "aten.promote_types", "aten.result_type",
+})
+
+
+def _storages(obj) -> set:
+    out = set()
+    if isinstance(obj, torch.Tensor):
+        out.add(obj.untyped_storage().data_ptr())
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            out |= _storages(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            out |= _storages(o)
+    return out
+
+
+class LaunchCounter(TorchDispatchMode):
+    """``with LaunchCounter() as c: model(...)``; then ``c.total`` and ``c.by_op``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_op: Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = str(func.overloadpacket)
+        if name in VIEW_OPS or func.is_view:
+            return out
+        inplace = name.endswith("_") or "out" in kwargs
+        if not inplace and _storages(out) and _storages(out) <= _storages((args, kwargs)):
+            return out  # returned (a view of) an input: no kernel ran
+        self.by_op[name] += 1
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_op.values())
+
+
+def count_launches(fn: Callable[[], object]) -> LaunchCounter:
+    with torch.inference_mode(), LaunchCounter() as counter:
+        fn()
+    return counter
