@@ -19,9 +19,7 @@ import argparse
 import glob
 import json
 import os
-import platform
 import shutil
-import statistics
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -106,18 +104,6 @@ def _check_backend(name: str, device: torch.device) -> None:
         reason = ops.available_backends(device).get(name, "unknown backend")
         if reason:
             raise ops.BackendUnavailable(f"--backend {name} cannot run on {device}: {reason}")
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine() or "cpu"
-    return f"{device.type} ({cpu}, {torch.get_num_threads()} threads)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -322,58 +308,44 @@ def _resolved_backends(backend: str, device: torch.device) -> Dict[str, str]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import benchmark
     dtype = resolve_dtype(args.dtype)
     device = _check_device(args.device)
     _check_backend(args.backend, device)
     options = Options() if args.config == "published" else Options(**SMALL_OPTIONS)
     model = FILM(options, backend=args.backend).to(device=device, dtype=dtype).eval()
+    baseline = None
+    if args.backend != "torch" and not args.no_baseline:
+        resolved = set(_resolved_backends(args.backend, device).values())
+        if resolved != {"torch"}:  # a kernel backend runs: time the reference next to it
+            baseline = FILM(options, backend="torch").to(device=device, dtype=dtype).eval()
+            baseline.load_state_dict(model.state_dict())
     # A published-model frame takes seconds on a CPU and milliseconds on a GPU.
     if args.iters is None:
         args.iters = 10 if device.type == "cuda" else 3
     if args.warmup is None:
         args.warmup = 3 if device.type == "cuda" else 1
-    t = torch.full((1, 1), 0.5, device=device)
-    results = []
-    for width, height in args.sizes:
-        gen = torch.Generator().manual_seed(0)
-        x0 = torch.rand(1, 3, height, width, generator=gen).to(device=device, dtype=dtype)
-        x1 = torch.rand(1, 3, height, width, generator=gen).to(device=device, dtype=dtype)
-        seconds = []
-        with torch.inference_mode():
-            for i in range(args.warmup + args.iters):
-                _sync(device)
-                start = time.perf_counter()
-                model(x0, x1, t)
-                _sync(device)
-                if i >= args.warmup:
-                    seconds.append(time.perf_counter() - start)
-        median = statistics.median(seconds)
-        flops = conv_flops(options, height, width)
-        results.append({"size": f"{width}x{height}", "width": width, "height": height,
-                        "median_s": median, "min_s": min(seconds), "fps": 1.0 / median,
-                        "conv_gflop": flops / 1e9, "conv_gflops_per_s": flops / median / 1e9,
-                        "iters": args.iters, "warmup": args.warmup})
-
+    ceiling = benchmark.matmul_ceiling(device, dtype)
+    results = benchmark.bench_sizes(model, [(w, h) for w, h in args.sizes], iters=args.iters,
+                                    warmup=args.warmup, ceiling=ceiling, baseline=baseline)
     header = (f"{PROG} bench: {args.config} config ({model.num_parameters() / 1e6:.2f} M params), "
-              f"{_device_name(device)}, {_dtype_name(dtype)}, backend {args.backend}, "
-              f"torch {torch.__version__}")
-    columns = ("size", "s/frame", "frames/s", "GFLOP/frame", "GFLOP/s")
-    rows = [(r["size"], f"{r['median_s']:.4f}", f"{r['fps']:.2f}", f"{r['conv_gflop']:.1f}",
-             f"{r['conv_gflops_per_s']:.1f}") for r in results]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+              f"{benchmark.device_name(device)}, {_dtype_name(dtype)}, backend {args.backend}, "
+              f"torch {torch.__version__}; matmul ceiling {ceiling / 1e12:.3f} TFLOP/s")
     print(header)
-    print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(columns, widths))))
-    for row in rows:
-        print("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))))
-
-    if args.json:
-        report = {"film_fast": __version__, "torch": torch.__version__,
-                  "device": _device_name(device), "device_type": device.type,
-                  "dtype": _dtype_name(dtype), "backend": args.backend,
-                  "backends_resolved": _resolved_backends(args.backend, device),
-                  "config": args.config, "options": options.to_dict(),
-                  "batch": 1, "t": 0.5, "results": results}
-        _write_text_atomically(args.json, json.dumps(report, indent=2) + "\n")
+    print(benchmark.format_table(results))
+    report = dict(benchmark.report_header(device, dtype, args.backend, args.config, options, ceiling),
+                  backends_resolved=_resolved_backends(args.backend, device), results=results)
+    paths = [args.json] if args.json else []
+    if args.save:
+        stamp = report["date"].replace(":", "").replace("-", "")[:15]
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        paths.append(os.path.join("benchmarks", "results",
+                                  f"bench-{kind}-{_dtype_name(dtype)}-{args.backend}-{stamp}.json"))
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _write_text_atomically(path, json.dumps(report, indent=2) + "\n")
+        if not args.quiet:
+            print(f"wrote {path}")
     return 0
 
 
@@ -435,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=("published", "small"), default="published",
                    help="architecture: the published film_net or a tiny test config")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    p.add_argument("--save", action="store_true",
+                   help="also write benchmarks/results/bench-<device>-<dtype>-<backend>-<date>.json")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip timing the torch reference backend next to a kernel backend")
+    p.add_argument("--quiet", action="store_true", help="print only the table")
     p.set_defaults(func=_cmd_bench)
     return parser
 
