@@ -301,14 +301,20 @@ def test_bench_small_prints_a_table_and_writes_json(tmp_path, capsys):
                              "--warmup", "0", "--json", report, "--device", "cpu")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[1].split() == ["size", "s/frame", "frames/s", "GFLOP/frame", "GFLOP/s"]
+    assert "matmul ceiling" in lines[0]
+    assert lines[1].split() == ["size", "s/frame", "frames/s", "GFLOP/frame", "GFLOP/s", "of",
+                                "ceiling", "peak", "mem"]
     assert lines[2].split()[0] == "64x64"
     data = json.loads(report.read_text())
-    assert data["torch"] == torch.__version__ and data["dtype"] == "float32"
+    assert data["versions"]["torch"] == torch.__version__ and data["dtype"] == "float32"
+    assert data["matmul_ceiling_tflops"] > 0 and data["commit"]
     assert data["backend"] == "auto" and data["device"] and data["config"] == "small"
     (row,) = data["results"]
     assert row["size"] == "64x64" and row["fps"] > 0 and row["median_s"] > 0
     assert row["conv_gflop"] == pytest.approx(conv_flops(small_options(), 64, 64) / 1e9)
+    assert row["fraction_of_ceiling"] == pytest.approx(
+        row["conv_gflops_per_s"] / (data["matmul_ceiling_tflops"] * 1e3))
+    assert row["peak_rss_bytes"] > 0
 
 
 def test_conv_flops_published():
