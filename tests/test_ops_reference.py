@@ -217,20 +217,17 @@ def test_auto_falls_back_to_torch_with_logged_reason(fake_op, caplog):
     assert "no implementation of 'fake_op'" in caplog.text
 
 
-def test_auto_prefers_a_kernel_backend_that_can_run(fake_op):
+def test_auto_prefers_a_kernel_backend_that_can_run(fake_op, monkeypatch):
     dispatch.register(fake_op, "triton")(lambda x: x + 2)
-    dispatch.register_verifier("triton", lambda device: (True, ""))
+    monkeypatch.setitem(dispatch._VERIFIERS, "triton", lambda device: (True, ""))
     cuda = torch.device("cuda")  # resolve() only reads the device type; no GPU needed
-    try:
-        assert dispatch.resolve(fake_op, None, cuda)[0] == "triton"
-        # On CPU, auto never picks the interpreter-only kernels.
-        assert dispatch.resolve(fake_op, None, torch.device("cpu"))[0] == "torch"
-        dispatch.register_verifier("triton", lambda device: (False, "no GPU"))
-        assert dispatch.resolve(fake_op, None, cuda)[0] == "torch"
-        with pytest.raises(dispatch.BackendUnavailable, match="no GPU"):
-            dispatch.resolve(fake_op, "triton", cuda)
-    finally:
-        dispatch._VERIFIERS.pop("triton", None)
+    assert dispatch.resolve(fake_op, None, cuda)[0] == "triton"
+    # On CPU, auto never picks the interpreter-only kernels.
+    assert dispatch.resolve(fake_op, None, torch.device("cpu"))[0] == "torch"
+    monkeypatch.setitem(dispatch._VERIFIERS, "triton", lambda device: (False, "no GPU"))
+    assert dispatch.resolve(fake_op, None, cuda)[0] == "torch"
+    with pytest.raises(dispatch.BackendUnavailable, match="no GPU"):
+        dispatch.resolve(fake_op, "triton", cuda)
 
 
 def test_env_var_and_unknown_names(monkeypatch, fake_op):
