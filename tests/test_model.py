@@ -147,3 +147,16 @@ def test_backend_selection(small_model, monkeypatch):
         film_fast.FILM(small_model.options, backend="tensorflow")
     monkeypatch.setenv("FILM_FAST_BACKEND", "torch")
     assert film_fast.FILM(small_model.options, backend=None).backend == "torch"
+
+
+def test_encoded_frames_reused_across_pairs_give_the_same_frames(small_model):
+    """Video mode: encode each frame once, pair it with both neighbours."""
+    frames = torch.rand(3, 3, 37, 61)
+    with torch.no_grad():
+        enc = [small_model.encode(frames[i:i + 1]) for i in range(3)]
+        for i in range(2):
+            direct = small_model(frames[i:i + 1], frames[i + 1:i + 2], 0.5)
+            reused = small_model.interpolate_encoded(enc[i], enc[i + 1], 0.5)
+            torch.testing.assert_close(reused, direct, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="differ in size"):
+        small_model.interpolate_encoded(enc[0], small_model.encode(torch.rand(1, 3, 64, 64)))
