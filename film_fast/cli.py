@@ -3,6 +3,8 @@
 Subcommands::
 
     film-fast interpolate A.png B.png -o DIR [--times-to-interpolate K | --num-frames N]
+    film-fast interpolate FRAMES_DIR -o DIR [...]     (a whole sequence, natural order)
+    film-fast video IN.mp4 -o OUT.mp4 (--factor F | --fps R) [--resume] [...]
     film-fast convert SRC DST.safetensors
     film-fast info MODEL
     film-fast bench [--sizes 256x256,512x512] [--config published|small] [--json PATH]
@@ -19,9 +21,11 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 import time
+from fractions import Fraction
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -35,11 +39,14 @@ from .imageio import read_image, write_image
 from .interpolation import MAX_TIMES_TO_INTERPOLATE, frame_times, iter_frames, resolve_schedule
 from .model import FILM
 from .options import Options
+from .stream import DEFAULT_SCENE_THRESHOLD, interpolate as interpolate_stream
 
 PROG = "film-fast"
 BACKEND_CHOICES = ("auto", "torch", "triton", "cupy")
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 FRAME_GLOB = "frame_*.png"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
+                    ".pgm")
 
 # The small config of the test fixtures: runs in well under a second per 256x256 frame on a CPU.
 SMALL_OPTIONS = dict(pyramid_levels=5, fusion_pyramid_levels=4, specialized_levels=2, sub_levels=3,
@@ -64,6 +71,37 @@ def _times_to_interpolate(text: str) -> int:
     if value > MAX_TIMES_TO_INTERPOLATE:
         raise argparse.ArgumentTypeError(
             f"must be at most {MAX_TIMES_TO_INTERPOLATE} (2^K + 1 frames), got {value}")
+    return value
+
+
+def _tile(text: str):
+    """``--tile auto|off|N``."""
+    text = text.strip().lower()
+    if text in ("auto", "off"):
+        return text
+    value = _int_at_least(1)(text)
+    return value
+
+
+def _fps(text: str) -> Fraction:
+    """``--fps 60``, ``29.97`` or ``30000/1001`` -> an exact Fraction > 0."""
+    try:
+        value = Fraction(text.strip())
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a frame rate like 60, 29.97 or 30000/1001, "
+                                         f"got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 disables), got {text}")
     return value
 
 
@@ -210,7 +248,125 @@ class _Staging:
                     break
 
 
+def _natural_key(name: str):
+    """``frame2`` before ``frame10``: digit runs compare as numbers, the rest case-folded."""
+    return [(0, int(part), part) if part.isdigit() else (1, 0, part.casefold())
+            for part in re.split(r"(\d+)", name) if part]
+
+
+def _sequence_paths(inputs: Sequence[str]) -> List[str]:
+    """One folder (its image files in natural order) or a list of image files."""
+    if len(inputs) == 1:
+        folder = inputs[0]
+        if not os.path.exists(folder):
+            raise InputError(f"{folder}: no such file or folder")
+        if not os.path.isdir(folder):
+            raise InputError(f"{folder}: give two images (A B) or a folder of frames")
+        try:
+            names = os.listdir(folder)
+        except PermissionError:
+            raise InputError(f"{folder}: permission denied") from None
+        names = [n for n in names if not n.startswith(".")
+                 and n.lower().endswith(IMAGE_EXTENSIONS)
+                 and os.path.isfile(os.path.join(folder, n))]
+        if not names:
+            raise InputError(f"{folder}: holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        names.sort(key=_natural_key)
+        if len(names) < 2:
+            raise InputError(f"{folder}: holds 1 frame ({names[0]}); need at least 2 to "
+                             "interpolate")
+        return [os.path.join(folder, n) for n in names]
+    for path in inputs:
+        if os.path.isdir(path):
+            raise InputError(f"{path}: is a directory; give one folder of frames, or image files")
+    return list(inputs)
+
+
+def _image_size(path: str) -> Tuple[int, int]:
+    """(width, height) from the header alone; read_image's one-line error when unreadable."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception:
+        read_image(path)  # raises the InputError that names the file and the problem
+        raise
+
+
+def _check_sequence(paths: Sequence[str]) -> Tuple[int, int]:
+    width, height = _image_size(paths[0])
+    for path in paths[1:]:
+        w, h = _image_size(path)
+        if (w, h) != (width, height):
+            raise InputError(f"{path}: frame is {w}x{h}, expected {width}x{height} like "
+                             f"{paths[0]} (every frame must have the same size)")
+    return width, height
+
+
 def _cmd_interpolate(args: argparse.Namespace) -> int:
+    inputs = args.inputs
+    simple = (args.tile is None and args.batch_size == 1 and args.scene_threshold is None)
+    if len(inputs) == 2 and simple and not any(os.path.isdir(p) for p in inputs):
+        args.frame0, args.frame1 = inputs
+        return _interpolate_two(args)
+    return _interpolate_sequence(args, _sequence_paths(inputs))
+
+
+def _interpolate_sequence(args: argparse.Namespace, paths: List[str], model=None) -> int:
+    """Every frame of ``paths`` and the in-between frames, as DIR/frame_000.png ..."""
+    dtype = resolve_dtype(args.dtype)
+    device = _check_device(args.device)
+    _check_backend(args.backend, device)
+    mode, value = resolve_schedule(args.times_to_interpolate, args.num_frames)
+    if len(paths) < 2:
+        raise InputError("need at least 2 frames to interpolate")
+    _check_sequence(paths)
+    out_dir = args.output
+    _preflight_output(out_dir, args.overwrite)
+    if model is None:
+        model = load(args.model, device=device, dtype=dtype, backend=args.backend,
+                     pyramid_levels=args.pyramid_levels)
+    per_pair = (1 << value) - 1 if mode == "recursive" else value
+    total = (len(paths) - 1) * (per_pair + 1) + 1
+    digits = max(3, len(str(total - 1)))
+    if args.scene_threshold is None:
+        threshold = DEFAULT_SCENE_THRESHOLD if len(paths) > 2 else None
+    else:
+        threshold = args.scene_threshold or None
+    show_progress = not args.quiet and sys.stderr.isatty()
+    frames = (read_image(p) for p in paths)
+    staging = _Staging(out_dir)
+    start = time.perf_counter()
+    try:
+        folder = staging.create()
+        stream = interpolate_stream(model, frames, times_to_interpolate=args.times_to_interpolate,
+                                    num_frames=args.num_frames, batch_size=args.batch_size,
+                                    scene_threshold=threshold,
+                                    tile="auto" if args.tile is None else args.tile)
+        written = 0
+        for index, frame in enumerate(stream):
+            write_image(os.path.join(folder, f"frame_{index:0{digits}d}.png"), frame)
+            written += 1
+            if show_progress:
+                rate = written / max(time.perf_counter() - start, 1e-9)
+                print(f"\r{PROG}: frame {written}/{total}, {rate:.2f} frames/s", end="",
+                      file=sys.stderr, flush=True)
+        if show_progress:
+            print(file=sys.stderr)
+        staging.commit(args.overwrite)
+    finally:
+        staging.cleanup()
+    elapsed = time.perf_counter() - start
+    if not args.quiet:
+        last = f"frame_{written - 1:0{digits}d}.png"
+        print(f"wrote {written} frames to {out_dir} (frame_{0:0{digits}d}.png .. {last})")
+        inner = written - len(paths)
+        print(f"{inner} in-between frame(s) from {len(paths)} input frames in {elapsed:.1f} s; "
+              f"model {model.source} on {device}, {_dtype_name(dtype)}, backend {model.backend}")
+    return 0
+
+
+def _interpolate_two(args: argparse.Namespace) -> int:
     # Validate everything cheap first: arguments, both images, the output folder.
     dtype = resolve_dtype(args.dtype)
     device = _check_device(args.device)
@@ -226,6 +382,13 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
 
     model = load(args.model, device=device, dtype=dtype, backend=args.backend,
                  pyramid_levels=args.pyramid_levels)
+    if isinstance(model, FILM):
+        # Too large for memory as one frame: the streaming engine tiles it.
+        from .tiling import choose_tiling
+        height, width = frame0.shape[1:]
+        if choose_tiling("auto", model.options, height, width, device=device,
+                         dtype=dtype).tile is not None:
+            return _interpolate_sequence(args, [args.frame0, args.frame1], model=model)
     times = frame_times(args.times_to_interpolate, args.num_frames)
     digits = max(3, len(str(len(times) - 1)))
     show_progress = not args.quiet and sys.stderr.isatty()
@@ -307,10 +470,38 @@ def _resolved_backends(backend: str, device: torch.device) -> Dict[str, str]:
     return out
 
 
+def _cmd_bench_kernels(args: argparse.Namespace, device: torch.device) -> int:
+    from . import benchmark, kernel_bench
+    resolutions = [r.strip().lower() for r in args.resolutions.split(",") if r.strip()]
+    unknown = [r for r in resolutions if r not in kernel_bench.RESOLUTIONS]
+    if unknown:
+        raise InputError(f"--resolutions: unknown {unknown[0]!r}; use "
+                         f"{', '.join(kernel_bench.RESOLUTIONS)}")
+    backends = ["torch", "triton", "cupy"] if args.backend == "auto" else [args.backend]
+    iters = args.iters if args.iters is not None else (20 if device.type == "cuda" else 3)
+    warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
+    rows, ceilings = kernel_bench.run_table(resolutions, backends, [args.dtype], device,
+                                            backward=args.backward, iters=iters, warmup=warmup)
+    print(f"{PROG} bench --kernels: {benchmark.device_name(device)}, {args.dtype}, "
+          f"copy {ceilings['copy_gbps']:.1f} GB/s, matmul "
+          f"{ceilings['matmul_tflops_' + args.dtype]:.3f} TFLOP/s")
+    print(kernel_bench.format_rows(rows))
+    if args.json:
+        report = dict(benchmark.report_header(device, resolve_dtype(args.dtype), args.backend,
+                                              "published", Options(),
+                                              ceilings["matmul_tflops_" + args.dtype] * 1e12),
+                      ceilings=ceilings, rows=rows)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        _write_text_atomically(args.json, json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import benchmark
     dtype = resolve_dtype(args.dtype)
     device = _check_device(args.device)
+    if args.kernels:
+        return _cmd_bench_kernels(args, device)
     _check_backend(args.backend, device)
     options = Options() if args.config == "published" else Options(**SMALL_OPTIONS)
     model = FILM(options, backend=args.backend).to(device=device, dtype=dtype).eval()
@@ -358,16 +549,38 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="kernel backend for the hot ops (default: auto)")
 
 
+def _add_sequence_options(p: argparse.ArgumentParser, tile_default) -> None:
+    p.add_argument("--scene-threshold", type=_threshold, default=None, metavar="X",
+                   help=f"pairs whose scene-change score (0..1) is above X are not "
+                        f"interpolated: their new frames repeat the earlier frame; 0 disables "
+                        f"(default {DEFAULT_SCENE_THRESHOLD} for sequences and videos, off for "
+                        f"a pair A B)")
+    p.add_argument("--tile", type=_tile, default=tile_default, metavar="auto|off|N",
+                   help="full frames when memory allows, else overlapping tiles (auto, the "
+                        "default); off; or N-pixel tiles (overlap N/4)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1, metavar="B",
+                   help="model calls per forward (pairs run together; helps on GPUs)")
+
+
+def _cmd_video(args: argparse.Namespace) -> int:
+    from . import video
+    return video.run(args, load_model=load, check_device=_check_device,
+                     check_backend=_check_backend, resolve_dtype=resolve_dtype)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Fast FILM frame interpolation.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("interpolate", help="write the in-between frames of two images",
-                       description="Interpolates frames between A and B and writes "
-                                   "DIR/frame_000.png ... (A and B included).")
-    p.add_argument("frame0", metavar="A", help="first frame (t = 0)")
-    p.add_argument("frame1", metavar="B", help="second frame (t = 1)")
+    p = sub.add_parser("interpolate", help="write the in-between frames of two images or a "
+                                           "folder of frames",
+                       description="Interpolates frames between A and B (or between every pair "
+                                   "of consecutive frames of a folder, in natural order: frame2 "
+                                   "before frame10) and writes DIR/frame_000.png ... (the inputs "
+                                   "included).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="two images A B, one folder of frames, or several images in order")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--times-to-interpolate", type=_times_to_interpolate, default=None,
@@ -380,10 +593,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pyramid-levels", type=_int_at_least(1), default=None, metavar="N",
                    help="pyramid levels, for non-published checkpoints that do not record it")
     _add_model_options(p)
+    _add_sequence_options(p, tile_default=None)
     p.add_argument("--overwrite", action="store_true",
                    help="replace frame_*.png files already in DIR")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=_cmd_interpolate)
+
+    p = sub.add_parser("video", help="interpolate a video file (decoded and encoded with PyAV)",
+                       description="Raises the frame rate of IN and writes OUT, keeping its "
+                                   "audio and colour metadata. Resumable (--resume); runs on "
+                                   "several processes under torchrun.")
+    p.add_argument("input", metavar="IN", help="input video file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output video file; its extension picks the container (.mp4, .mkv, ...)")
+    rate = p.add_mutually_exclusive_group(required=True)
+    rate.add_argument("--factor", type=_int_at_least(1), default=None, metavar="F",
+                      help="F times the frame rate: (n - 1) * F + 1 frames, same duration")
+    rate.add_argument("--fps", type=_fps, default=None, metavar="R",
+                      help="output frame rate (60, 29.97, 30000/1001): frame k at t0 + k / R, "
+                           "the nearest recursive mid-point frame")
+    p.add_argument("--crf", type=_int_at_least(0), default=None, metavar="N",
+                   help="constant rate factor of the encoder (x264/x265/vpx/svt-av1; default: "
+                        "the encoder's)")
+    p.add_argument("--codec", default=None, metavar="NAME",
+                   help="video encoder, e.g. libx264, libx265, libvpx-vp9 (default: the input's "
+                        "codec when the container takes it)")
+    p.add_argument("--model", default=None, metavar="PATH", help="checkpoint (see interpolate)")
+    p.add_argument("--pyramid-levels", type=_int_at_least(1), default=None, metavar="N")
+    _add_model_options(p)
+    _add_sequence_options(p, tile_default="auto")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT.film-fast-work")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress line, no summary")
+    p.add_argument("--stop-after", type=_int_at_least(1), default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_video)
 
     p = sub.add_parser("convert", help="convert a checkpoint to film_fast .safetensors")
     p.add_argument("src", metavar="SRC", help="any checkpoint film_fast.load reads")
@@ -412,6 +656,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true",
                    help="skip timing the torch reference backend next to a kernel backend")
     p.add_argument("--quiet", action="store_true", help="print only the table")
+    p.add_argument("--kernels", action="store_true",
+                   help="per-op kernel table (each backend x real per-level shapes) instead")
+    p.add_argument("--resolutions", default="720p", metavar="R[,R...]",
+                   help="with --kernels: 720p, 1080p, 4k (default: 720p)")
+    p.add_argument("--backward", action="store_true", help="with --kernels: time forward+backward")
     p.set_defaults(func=_cmd_bench)
     return parser
 
@@ -443,7 +692,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if getattr(args, "func", None) is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: a command is required (interpolate, convert, info, bench)",
+        print(f"{PROG}: error: a command is required (interpolate, video, convert, info, bench)",
               file=sys.stderr)
         return 2
     try:
