@@ -480,15 +480,17 @@ def _cmd_bench_kernels(args: argparse.Namespace, device: torch.device) -> int:
     backends = ["torch", "triton", "cupy"] if args.backend == "auto" else [args.backend]
     iters = args.iters if args.iters is not None else (20 if device.type == "cuda" else 3)
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
+    options = Options() if args.config == "published" else Options(**SMALL_OPTIONS)
     rows, ceilings = kernel_bench.run_table(resolutions, backends, [args.dtype], device,
-                                            backward=args.backward, iters=iters, warmup=warmup)
+                                            backward=args.backward, iters=iters, warmup=warmup,
+                                            options=options)
     print(f"{PROG} bench --kernels: {benchmark.device_name(device)}, {args.dtype}, "
           f"copy {ceilings['copy_gbps']:.1f} GB/s, matmul "
           f"{ceilings['matmul_tflops_' + args.dtype]:.3f} TFLOP/s")
     print(kernel_bench.format_rows(rows))
     if args.json:
         report = dict(benchmark.report_header(device, resolve_dtype(args.dtype), args.backend,
-                                              "published", Options(),
+                                              args.config, options,
                                               ceilings["matmul_tflops_" + args.dtype] * 1e12),
                       ceilings=ceilings, rows=rows)
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

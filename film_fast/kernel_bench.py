@@ -234,7 +234,8 @@ def run_case(case: Case, backend: str, device: torch.device, dtype: torch.dtype,
 
 def run_table(resolutions: Sequence[str], backends: Sequence[str], dtypes: Sequence[str],
               device: torch.device, *, backward: bool = False, iters: int = 5, warmup: int = 2,
-              ops_filter: Optional[Sequence[str]] = None) -> Tuple[List[dict], Dict[str, float]]:
+              ops_filter: Optional[Sequence[str]] = None,
+              options: Optional[Options] = None) -> Tuple[List[dict], Dict[str, float]]:
     rows: List[dict] = []
     ceilings_by_dtype: Dict[str, Dict[str, float]] = {}
     bandwidth = copy_bandwidth(device)
@@ -242,7 +243,7 @@ def run_table(resolutions: Sequence[str], backends: Sequence[str], dtypes: Seque
         dtype = DTYPES[dname]
         ceilings_by_dtype[dname] = {"copy": bandwidth, "matmul": matmul_ceiling(device, dtype)}
     for res in resolutions:
-        for case in cases(res):
+        for case in cases(res, options):
             if ops_filter and case.op not in ops_filter:
                 continue
             for dname in dtypes:

@@ -373,3 +373,19 @@ def test_unavailable_backend_fails_before_any_work(tmp_path, capsys, small_pair,
                            small_safetensors, "--device", "cpu", "--backend", missing[0])
     assert code == 1 and len(err.splitlines()) == 1 and f"--backend {missing[0]}" in err
     assert os.listdir(tmp_path) == []
+
+
+def test_bench_kernels_table_and_json(tmp_path, capsys, monkeypatch):
+    from film_fast import kernel_bench
+    monkeypatch.setitem(kernel_bench.RESOLUTIONS, "720p", (96, 64))  # tiny, same code path
+    report = tmp_path / "kernels.json"
+    code, out, err = run_cli(capsys, "bench", "--kernels", "--config", "small", "--device", "cpu",
+                             "--iters", "1", "--warmup", "0", "--backward", "--json", report)
+    assert code == 0, err
+    assert "GB/s" in out and "TFLOP/s" in out and "skipped cupy" in out
+    data = json.loads(report.read_text())
+    ran = [r for r in data["rows"] if "skipped" not in r]
+    assert {r["op"] for r in ran} == {"warp", "upsample_flow", "upsample_flow_warp", "avg_pool2x2",
+                                      "conv2d", "upsample_conv2x2"}
+    assert all(r["backend"] == "torch" and r["pass"] == "fwd+bwd" and r["median_s"] > 0
+               and r["fraction_of_ceiling"] > 0 for r in ran)
