@@ -53,7 +53,8 @@ setup(
         "video": ["av"],
         # CI has no GPU: Triton kernels run under TRITON_INTERPRET=1 and every CuPy .cu source is
         # compiled with NVRTC (cupy's nvrtc bindings + the NVRTC library wheel).
-        "test": ["pytest", "pytest-benchmark", "triton", "cupy-cuda12x", "nvidia-cuda-nvrtc-cu12"],
+        "test": ["pytest", "pytest-benchmark", "triton", "cupy-cuda12x", "nvidia-cuda-nvrtc-cu12",
+                 "av"],
     },
     entry_points={"console_scripts": ["film-fast = film_fast.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Multimedia :: Video",

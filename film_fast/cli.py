@@ -628,7 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run from OUT.film-fast-work")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress line, no summary")
+    # Hidden, for tests: stop (as if interrupted) after writing N frames; pairs per segment.
     p.add_argument("--stop-after", type=_int_at_least(1), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--segment-pairs", type=_int_at_least(1), default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_video)
 
     p = sub.add_parser("convert", help="convert a checkpoint to film_fast .safetensors")

@@ -78,6 +78,58 @@ def even_times(n: int) -> List[float]:
     return [i / (n + 1) for i in range(1, n + 1)]
 
 
+def recursive_steps(k: int) -> List[Tuple[int, int, int, float]]:
+    """The model calls of ``k`` levels of mid-point recursion, depth first (the official order).
+
+    Positions are in units of ``1 / 2^k`` (0 and ``2^k`` are the input frames); each
+    entry ``(target, left, right, dt)`` makes ``target`` from the frames at ``left``
+    and ``right`` with ``dt = 0.5``. ``recursive_steps(2) == [(2, 0, 4, 0.5),
+    (1, 0, 2, 0.5), (3, 2, 4, 0.5)]``.
+    """
+    k = _check_k(k)
+    steps: List[Tuple[int, int, int, float]] = []
+    stack = [(0, 1 << k, k)]
+    while stack:  # pre-order: a node, then its left subtree, then its right subtree
+        lo, hi, depth = stack.pop()
+        if depth == 0:
+            continue
+        mid = (lo + hi) // 2
+        steps.append((mid, lo, hi, 0.5))
+        stack.append((mid, hi, depth - 1))
+        stack.append((lo, mid, depth - 1))
+    return steps
+
+
+def even_steps(n: int) -> List[Tuple[int, int, int, float]]:
+    """The model calls of the port's evenly spaced scheme, in its order.
+
+    Positions are output indices (0 and ``n + 1`` are the inputs); each entry
+    ``(target, left, right, dt)`` makes ``target`` from the frames at ``left`` and
+    ``right`` at relative time ``dt`` (a float32 value). Repeatedly, among the
+    remaining targets and the intervals between frames already made, the target
+    whose relative position in its interval is closest to 0.5 comes next; times
+    are float32 ``linspace`` values and the choice is an argmin over
+    (interval, target) like the port, so ties break the same way.
+    """
+    n = _check_n(n)
+    splits = torch.linspace(0, 1, n + 2)
+    idxes = [0, n + 1]
+    remains = list(range(1, n + 1))
+    steps: List[Tuple[int, int, int, float]] = []
+    while remains:
+        starts = splits[idxes[:-1]]
+        ends = splits[idxes[1:]]
+        rel = (splits[None, remains] - starts[:, None]) / (ends - starts)[:, None]
+        flat = int(torch.argmin((rel - 0.5).abs()))
+        start_i, step = divmod(flat, len(remains))
+        target = remains.pop(step)
+        left, right = idxes[start_i], idxes[start_i + 1]
+        dt = (splits[target] - splits[left]) / (splits[right] - splits[left])
+        steps.append((target, left, right, float(dt)))  # exact: a float32 value
+        idxes.insert(bisect.bisect_left(idxes, target), target)
+    return steps
+
+
 def frame_times(times_to_interpolate: Optional[int] = None,
                 num_frames: Optional[int] = None) -> List[float]:
     """Times of every output frame, inputs included: ``[0.0, ..., 1.0]``."""
@@ -179,28 +231,14 @@ def _generate(model, x0: torch.Tensor, x1: torch.Tensor, mode: str, value: int,
         yield scale, 1.0, last
         return
 
-    # Evenly spaced, the port's greedy order. Times are float32 linspace values and the
-    # choice is an argmin over (interval, target) like the port, so ties break the same way.
+    # Evenly spaced, the port's greedy order (see even_steps).
     n = value
     yield 0, 0.0, first
     yield n + 1, 1.0, last
-    splits = torch.linspace(0, 1, n + 2)
-    idxes = [0, n + 1]
-    frames = [a, b]
-    remains = list(range(1, n + 1))
-    while remains:
-        starts = splits[idxes[:-1]]
-        ends = splits[idxes[1:]]
-        rel = (splits[None, remains] - starts[:, None]) / (ends - starts)[:, None]
-        flat = int(torch.argmin((rel - 0.5).abs()))
-        start_i, step = divmod(flat, len(remains))
-        target = remains.pop(step)
-        dt = (splits[target] - splits[idxes[start_i]]) / (splits[idxes[start_i + 1]]
-                                                          - splits[idxes[start_i]])
-        frame = call(frames[start_i], frames[start_i + 1], dt)
-        pos = bisect.bisect_left(idxes, target)
-        idxes.insert(pos, target)
-        frames.insert(pos, frame.clamp(0.0, 1.0) if clamp else frame)
+    frames = {0: a, n + 1: b}
+    for target, left, right, dt in even_steps(n):
+        frame = call(frames[left], frames[right], torch.tensor(dt, dtype=torch.float32))
+        frames[target] = frame.clamp(0.0, 1.0) if clamp else frame
         yield target, target / (n + 1), output(frame)
 
 

@@ -1,0 +1,314 @@
+"""High-resolution inference: overlapping tiles, feathered blending, and a memory estimate.
+
+A frame too large for the device is cut into overlapping tiles; each tile pair is
+interpolated on its own and the tiles are blended with linear ramps across every
+overlap (weights sum to one everywhere, so a flat area stays flat). Motion larger
+than a tile cannot be matched inside that tile: FILM then sees a flow it cannot
+find and the warp clamps at the tile border, so those pixels degrade (towards a
+blend of the two frames) but nothing is read outside the frame and the result
+stays finite; use the largest tile that fits.
+
+Memory model (derived from the graph, then checked by measurement)
+-----------------------------------------------------------------
+With ``C_i`` the feature channels and ``F_i`` the fusion width at pyramid level
+``i`` (:class:`film_fast.Options`), per padded pixel of one frame, in elements of
+the model dtype:
+
+* held features of an encoded frame: ``feat = sum_i (3 + C_i) / 4^i``
+  (image + cascaded features per level; 163.9 for the published model, i.e.
+  656 bytes/pixel in fp32 -- measured: 655.7);
+* encoding transient: about ``2 * feat`` per frame (measured 1.87x on the CPU);
+* one interpolation call (per sample): the two frames' level buffers are
+  concatenated (``2 * feat``) and the fusion buffers
+  ``sum_{i < fusion levels} (2 (3 + C_i) + 4 + F_i) / 4^i`` are allocated
+  (450.8 for the published model), plus ~10% for decoder temporaries and the
+  fp32 flows: 778.6 elements = 3.11 KB/pixel fp32 (measured on the CPU at
+  512x512 / 768x768: 3.14 / 3.04 KB/pixel, 3.38 with batch 2).
+
+The streaming engine holds the features of ``held`` frames (the chunk's input
+frames plus generated frames that later calls still use), so its peak is
+``elem * P * (held * feat + max(batch * 1.1 * (2 feat + fusion), n_encode * 2 feat))``
+for ``P`` padded pixels. Without feature reuse (tiles re-encoded per call) only
+the images are held and each call encodes ``2 * batch`` tiles.
+
+In a real run the process grows more than the live tensors: allocators keep freed
+blocks (the encoder's temporaries are not returned before the call allocates its
+own), oneDNN keeps scratch buffers. Measured on the CPU with the published model
+(fp32, ``film-fast video --factor 2`` on 960x506 frames): peak RSS 3.45 GB above the
+loaded model, against 2.33 GB from the formula; so budgets are compared with the
+formula times ``PEAK_FACTOR = 1.5``. (Not measured on CUDA, whose caching allocator
+behaves alike; the same factor is used.)
+
+Available memory: CUDA ``torch.cuda.mem_get_info`` free bytes plus what torch's
+caching allocator holds unused; CPU ``MemAvailable`` from ``/proc/meminfo``
+(no psutil). The engine plans for 85% (CUDA) / 70% (CPU, shared with other
+processes) of it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .errors import InputError
+from .options import Options
+
+Box = Tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
+
+DEFAULT_OVERLAP_FRACTION = 4  # overlap = tile // 4
+CPU_BUDGET_FRACTION = 0.70
+CUDA_BUDGET_FRACTION = 0.85
+TRANSIENT_MARGIN = 1.10
+PEAK_FACTOR = 1.5  # process growth / live-tensor estimate, measured (module docstring)
+
+
+# ---- tile grids ---------------------------------------------------------------------------
+def _axis_starts(length: int, tile: int, overlap: int) -> List[int]:
+    """Start offsets of tiles covering ``[0, length)``: first at 0, last flush with the end,
+    evenly spread, every overlap at least ``overlap``."""
+    if length <= tile:
+        return [0]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    count = max(count, 2)
+    return [round(k * (length - tile) / (count - 1)) for k in range(count)]
+
+
+def _axis_weights(starts: Sequence[int], tile: int, length: int) -> List[torch.Tensor]:
+    """Per tile, a 1-D weight: 1 inside, a linear ramp across each overlap with a neighbour,
+    (x + 0.5) / overlap rising and falling; neighbouring ramps sum to exactly 1."""
+    size = min(tile, length)
+    out = []
+    for k, s in enumerate(starts):
+        w = torch.ones(size, dtype=torch.float64)
+        x = torch.arange(size, dtype=torch.float64) + 0.5
+        if k > 0:
+            ov = starts[k - 1] + size - s
+            if ov > 0:
+                w = torch.minimum(w, (x / ov).clamp(max=1.0))
+        if k + 1 < len(starts):
+            ov = s + size - starts[k + 1]
+            if ov > 0:
+                w = torch.minimum(w, ((size - x) / ov).clamp(max=1.0))
+        out.append(w)
+    return out
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles of a ``height x width`` frame; ``tile = None`` means one tile, the whole frame."""
+
+    height: int
+    width: int
+    tile: Optional[int]
+    overlap: int
+    boxes: Tuple[Box, ...]
+
+    @property
+    def full_frame(self) -> bool:
+        return len(self.boxes) == 1
+
+    def weights(self, device, dtype=torch.float32) -> List[torch.Tensor]:
+        """Per tile, ``[1, 1, h, w]`` blending weights normalised so all tiles sum to 1."""
+        if self.full_frame:
+            return [torch.ones(1, 1, self.height, self.width, dtype=dtype, device=device)]
+        size_h = min(self.tile, self.height)
+        size_w = min(self.tile, self.width)
+        ys = sorted({b[0] for b in self.boxes})
+        xs = sorted({b[2] for b in self.boxes})
+        wy = dict(zip(ys, _axis_weights(ys, size_h, self.height)))
+        wx = dict(zip(xs, _axis_weights(xs, size_w, self.width)))
+        maps = [wy[y0][:, None] * wx[x0][None, :] for y0, _, x0, _ in self.boxes]
+        total = torch.zeros(self.height, self.width, dtype=torch.float64)
+        for (y0, y1, x0, x1), m in zip(self.boxes, maps):
+            total[y0:y1, x0:x1] += m
+        return [(m / total[y0:y1, x0:x1]).to(device=device, dtype=dtype)[None, None]
+                for (y0, y1, x0, x1), m in zip(self.boxes, maps)]
+
+
+def make_grid(height: int, width: int, tile: Optional[int] = None,
+              overlap: Optional[int] = None) -> TileGrid:
+    """A grid of ``tile x tile`` boxes (overlap default ``tile // 4``) or one full-frame box."""
+    if tile is None or (tile >= height and tile >= width):
+        return TileGrid(height, width, None, 0, ((0, height, 0, width),))
+    if tile < 2:
+        raise InputError(f"tile size must be at least 2, got {tile}")
+    ov = tile // DEFAULT_OVERLAP_FRACTION if overlap is None else int(overlap)
+    if not 0 <= ov < tile:
+        raise InputError(f"tile overlap must be in [0, {tile}), got {ov}")
+    size_h, size_w = min(tile, height), min(tile, width)
+    boxes = tuple((y, y + size_h, x, x + size_w)
+                  for y in _axis_starts(height, tile, ov) for x in _axis_starts(width, tile, ov))
+    return TileGrid(height, width, tile, ov, boxes)
+
+
+def round_tile(tile: int, options: Options) -> int:
+    """A tile size rounded up to a multiple of the model's size multiple (64 published),
+    at least two multiples (the coarsest pyramid level is then >= 2 pixels)."""
+    m = options.size_multiple
+    return max(2 * m, -(-int(tile) // m) * m)
+
+
+# ---- memory -------------------------------------------------------------------------------
+def _padded(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def feature_elements(options: Options) -> float:
+    """Held elements per padded pixel of one encoded frame: ``sum_i (3 + C_i) / 4^i``."""
+    return sum((3 + options.feature_channels(i)) / 4 ** i for i in range(options.pyramid_levels))
+
+
+def fusion_elements(options: Options) -> float:
+    """Fusion-buffer elements per padded pixel of one interpolation call."""
+    total = 0.0
+    last = options.fusion_pyramid_levels - 1
+    for i in range(options.fusion_pyramid_levels):
+        extra = 0 if i == last else options.fusion_filters(i)
+        total += (2 * (3 + options.feature_channels(i)) + 4 + extra) / 4 ** i
+    return total
+
+
+def _elem_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def estimate_bytes(options: Options, height: int, width: int, *, dtype=torch.float32,
+                   batch: int = 1, held: float = 3.0, reuse: bool = True) -> int:
+    """Peak bytes of the streaming engine on ``height x width`` frames (or tiles).
+
+    ``held``: encoded frames kept alive (inputs of a chunk + generated frames still
+    needed); ``reuse=False``: features are not kept, each call encodes its 2*batch tiles.
+    """
+    pixels = _padded(height, options.size_multiple) * _padded(width, options.size_multiple)
+    elem = _elem_size(dtype)
+    feat = feature_elements(options)
+    call = TRANSIENT_MARGIN * (2 * feat + fusion_elements(options))
+    if reuse:
+        live = held * feat + max(batch * call, (batch + 1) * 2 * feat)
+    else:
+        live = 2 * batch * feat + batch * call  # two encoded tiles per sample, then the call
+    return int(elem * pixels * live)
+
+
+def available_bytes(device: Union[str, torch.device]) -> int:
+    """Free memory on ``device`` (see the module docstring); 0 when it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0))
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def memory_budget(device: Union[str, torch.device]) -> int:
+    device = torch.device(device)
+    fraction = CUDA_BUDGET_FRACTION if device.type == "cuda" else CPU_BUDGET_FRACTION
+    return int(available_bytes(device) * fraction)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How frames are processed: ``tile`` None = full frame; ``reuse`` = keep per-frame
+    (per-tile) features across pairs (else re-encode the tiles of each call)."""
+
+    tile: Optional[int]
+    reuse: bool = True
+
+    def describe(self) -> str:
+        where = "full frame" if self.tile is None else f"{self.tile}px tiles"
+        return where + ("" if self.reuse else " (features re-encoded per call)")
+
+
+def _grid_fits(options, grid: TileGrid, *, dtype, batch, held, reuse, budget) -> bool:
+    if reuse:
+        # Every tile's features of every held frame stay alive; the largest tile's call runs.
+        pix_feat = sum((b[1] - b[0]) * (b[3] - b[2]) for b in grid.boxes)
+        h = grid.boxes[0][1] - grid.boxes[0][0]
+        w = grid.boxes[0][3] - grid.boxes[0][2]
+        per_tile = estimate_bytes(options, h, w, dtype=dtype, batch=batch, held=0, reuse=True)
+        held_bytes = held * feature_elements(options) * _elem_size(dtype) * pix_feat
+        return held_bytes + per_tile <= budget
+    h = grid.boxes[0][1] - grid.boxes[0][0]
+    w = grid.boxes[0][3] - grid.boxes[0][2]
+    return estimate_bytes(options, h, w, dtype=dtype, batch=batch, reuse=False) <= budget
+
+
+def choose_tiling(tile: Union[None, str, int], options: Options, height: int, width: int, *,
+                  device, dtype=torch.float32, batch: int = 1, held: float = 3.0,
+                  budget: Optional[int] = None) -> Tiling:
+    """Resolves ``tile`` ("auto" | "off" | None | N) for frames of ``height x width``.
+
+    "auto": the full frame when its estimate (times :data:`PEAK_FACTOR`) fits the
+    budget, otherwise the largest tile (a multiple of the size multiple, down to 2 of
+    them) that fits, keeping features when they fit too. N: that tile size (rounded
+    up to the size multiple). ``budget``: bytes (default: measured, see
+    :func:`memory_budget`; ``FILM_FAST_MEMORY_BUDGET`` overrides it).
+    """
+    if tile is None or tile == "off":
+        return Tiling(None, True)
+    if budget is None:
+        override = env_budget_override()
+        budget = memory_budget(device) if override is None else override
+    budget = int(budget / PEAK_FACTOR)  # estimate_bytes counts live tensors only
+    if isinstance(tile, str):
+        if tile != "auto":
+            raise InputError(f"tile must be 'auto', 'off' or a size in pixels, got {tile!r}")
+        if budget <= 0:  # unknown memory: assume it fits
+            return Tiling(None, True)
+        full = make_grid(height, width, None)
+        if _grid_fits(options, full, dtype=dtype, batch=batch, held=held, reuse=True,
+                      budget=budget):
+            return Tiling(None, True)
+        m = options.size_multiple
+        top = _padded(max(height, width), m)
+        for size in range(top, 2 * m - 1, -m):
+            grid = make_grid(height, width, size)
+            for reuse in (True, False):
+                if _grid_fits(options, grid, dtype=dtype, batch=batch, held=held, reuse=reuse,
+                              budget=budget):
+                    return Tiling(None if grid.full_frame else size, reuse)
+        return Tiling(2 * m, False)
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise InputError(f"tile must be 'auto', 'off' or a positive size in pixels, got {tile!r}")
+    size = round_tile(tile, options)
+    grid = make_grid(height, width, size)
+    if grid.full_frame:
+        return Tiling(None, True)
+    if budget <= 0:
+        return Tiling(size, True)
+    reuse = _grid_fits(options, grid, dtype=dtype, batch=batch, held=held, reuse=True,
+                       budget=budget)
+    return Tiling(size, reuse)
+
+
+def blend_tiles(outputs: Sequence[torch.Tensor], grid: TileGrid,
+                weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Feathered sum of per-tile ``[N, 3, h, w]`` outputs into ``[N, 3, H, W]`` float32."""
+    first = outputs[0]
+    out = torch.zeros(first.shape[0], first.shape[1], grid.height, grid.width,
+                      dtype=torch.float32, device=first.device)
+    for (y0, y1, x0, x1), y, w in zip(grid.boxes, outputs, weights):
+        out[:, :, y0:y1, x0:x1].addcmul_(y.float(), w)
+    return out
+
+
+def env_budget_override() -> Optional[int]:
+    """``FILM_FAST_MEMORY_BUDGET`` (bytes) replaces the measured budget (tests, shared hosts)."""
+    value = os.environ.get("FILM_FAST_MEMORY_BUDGET")
+    if not value:
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        raise InputError(f"FILM_FAST_MEMORY_BUDGET must be a number of bytes, got "
+                         f"{value!r}") from None
