@@ -160,3 +160,16 @@ def test_encoded_frames_reused_across_pairs_give_the_same_frames(small_model):
             torch.testing.assert_close(reused, direct, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="differ in size"):
         small_model.interpolate_encoded(enc[0], small_model.encode(torch.rand(1, 3, 64, 64)))
+
+
+def test_kernel_launches_per_forward_stay_low():
+    """Published config, torch backend on CPU: launch-counting guard (the port makes 797 here)."""
+    from film_fast.profiling import count_launches
+    model = film_fast.FILM().eval()
+    x0, x1 = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        model(x0, x1, 0.5)  # builds the cached warp grids
+    counter = count_launches(lambda: model(x0, x1, 0.5))
+    assert counter.total <= 300, counter.by_op.most_common(8)
+    assert counter.by_op["aten.leaky_relu"] == 0  # fused into the convs
+    assert counter.by_op["aten.cat"] <= 2  # concats are written in place
