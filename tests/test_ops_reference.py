@@ -266,3 +266,21 @@ def test_torch_fast_conv_keeps_autograd():
     w = torch.randn(3, 4, 3, 3, requires_grad=True)
     torch_fast.conv2d(x, w, None, "leaky_relu").sum().backward()
     assert x.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_warp_into_a_nan_poisoned_buffer_slice(backend, dtype):
+    """ops.warp(out=...) without autograd: the backend writes the channel slice itself."""
+    if ops.available_backends("cpu")[backend]:
+        pytest.skip(ops.available_backends("cpu")[backend])
+    image = torch.rand(2, 5, 9, 13).to(dtype).contiguous(memory_format=torch.channels_last)
+    flow = torch.randn(2, 2, 9, 13) * 6
+    buf = torch.full((2, 12, 9, 13), float("nan"), dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = ops.warp(image, flow, out=buf[:, 4:9], backend=backend)
+        expected = ops.warp(image, flow, backend=backend)
+    assert got.data_ptr() == buf[:, 4:9].data_ptr()
+    torch.testing.assert_close(buf[:, 4:9], expected, rtol=0, atol=0)
+    assert torch.isnan(buf[:, :4]).all() and torch.isnan(buf[:, 9:]).all()

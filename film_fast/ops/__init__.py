@@ -23,7 +23,7 @@ from . import reference, torch_fast
 from .dispatch import (BACKENDS, BackendUnavailable, available_backends, normalize_backend,
                        register, resolve)
 
-OPS = ("warp", "upsample_flow", "conv2d", "avg_pool2x2", "upsample_conv2x2", "upsample_flow_warp",
+OPS = ("warp", "warp_into", "upsample_flow", "conv2d", "avg_pool2x2", "upsample_conv2x2", "upsample_flow_warp",
        "conv2d_levels", "conv2d_pool")
 
 __all__ = list(OPS) + ["BACKENDS",
@@ -67,6 +67,10 @@ def warp(image: torch.Tensor, flow: torch.Tensor, out: Optional[torch.Tensor] = 
                          f"{list(image.shape)}, got {list(flow.shape)}")
     if out is not None and tuple(out.shape) != tuple(image.shape):
         raise ValueError(f"out must be {list(image.shape)}, got {list(out.shape)}")
+    if out is not None and not (torch.is_grad_enabled() and (image.requires_grad or flow.requires_grad)):
+        # Inference: the backend writes the destination itself (no temporary, no extra copy).
+        _, into = resolve("warp_into", backend, image.device)
+        return into(image, flow, out)
     _, impl = resolve("warp", backend, image.device)
     result = impl(image, flow)
     if out is None:

@@ -38,10 +38,11 @@ from .conv2d import conv2d, conv2d_levels, conv2d_pool
 from .upsample_conv2x2 import upsample_conv2x2
 from .upsample_flow import upsample_flow
 from .upsample_flow_warp import upsample_flow_warp
-from .warp import warp
+from .warp import warp, warp_into
 
 OPS = {
     "warp": warp,
+    "warp_into": warp_into,
     "upsample_flow": upsample_flow,
     "upsample_flow_warp": upsample_flow_warp,
     "conv2d": conv2d,

@@ -134,6 +134,14 @@ class CupyWarpFunction(torch.autograd.Function):
         return grad_image, grad_flow
 
 
+def warp_into(image: torch.Tensor, flow: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``film_fast.ops.warp(..., out=out)`` without autograd: the kernel writes ``out`` directly."""
+    if not rt.supported(image, flow) or out.dtype != image.dtype:
+        return out.copy_(reference.warp(image, flow))
+    _check_devices(image, flow)
+    return warp_forward(image, flow, out=out)
+
+
 def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """``film_fast.ops.warp`` on the CuPy backend (float64 inputs use the reference)."""
     if not rt.supported(image, flow):

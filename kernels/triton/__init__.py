@@ -36,6 +36,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 OPS = {
     "warp": warp.warp,
+    "warp_into": lambda image, flow, out: warp.warp_fwd(image, flow, out=out),
     "upsample_flow": upsample_flow.upsample_flow,
     "upsample_flow_warp": upsample_flow_warp.upsample_flow_warp,
     "conv2d": conv2d.conv2d,
