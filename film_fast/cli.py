@@ -18,8 +18,11 @@ writes nothing unless every frame succeeds.
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
+import io
 import json
+import math
 import os
 import re
 import shutil
@@ -30,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import __version__
+from . import __version__, evaluation
 from .api import load, resolve_device, resolve_dtype
 from .checkpoints import read_checkpoint, save_safetensors
 from .errors import CheckpointError, FilmFastError, InputError
@@ -312,6 +315,29 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     return _interpolate_sequence(args, _sequence_paths(inputs))
 
 
+def _check_clip(args: argparse.Namespace) -> None:
+    """Fails before any work when --clip cannot be written (format, folder)."""
+    if not getattr(args, "clip", None):
+        return
+    from .video import output_format
+    output_format(args.clip)
+    if not args.clip_fps > 0:
+        raise InputError(f"--clip-fps must be positive, got {args.clip_fps}")
+    parent = os.path.dirname(os.path.abspath(args.clip))
+    if not os.path.isdir(parent):
+        raise InputError(f"--clip {args.clip}: folder {parent} does not exist")
+    if os.path.exists(args.clip) and not args.overwrite:
+        raise InputError(f"--clip {args.clip}: exists; pass --overwrite to replace it")
+
+
+def _write_clip(args: argparse.Namespace, folder: str, count: int, digits: int) -> None:
+    from .video import write_clip
+    names = [os.path.join(folder, f"frame_{k:0{digits}d}.png") for k in range(count)]
+    write_clip(names, args.clip, fps=args.clip_fps)
+    if not args.quiet:
+        print(f"wrote {args.clip} ({count} frames at {args.clip_fps:g} fps)")
+
+
 def _interpolate_sequence(args: argparse.Namespace, paths: List[str], model=None) -> int:
     """Every frame of ``paths`` and the in-between frames, as DIR/frame_000.png ..."""
     dtype = resolve_dtype(args.dtype)
@@ -323,6 +349,7 @@ def _interpolate_sequence(args: argparse.Namespace, paths: List[str], model=None
     _check_sequence(paths)
     out_dir = args.output
     _preflight_output(out_dir, args.overwrite)
+    _check_clip(args)
     if model is None:
         model = load(args.model, device=device, dtype=dtype, backend=args.backend,
                      pyramid_levels=args.pyramid_levels)
@@ -353,6 +380,8 @@ def _interpolate_sequence(args: argparse.Namespace, paths: List[str], model=None
                       file=sys.stderr, flush=True)
         if show_progress:
             print(file=sys.stderr)
+        if args.clip:
+            _write_clip(args, folder, written, digits)
         staging.commit(args.overwrite)
     finally:
         staging.cleanup()
@@ -379,6 +408,7 @@ def _interpolate_two(args: argparse.Namespace) -> int:
                          f"{frame0.shape[1]}, {args.frame1} is {frame1.shape[2]}x{frame1.shape[1]}")
     out_dir = args.output
     _preflight_output(out_dir, args.overwrite)
+    _check_clip(args)
 
     model = load(args.model, device=device, dtype=dtype, backend=args.backend,
                  pyramid_levels=args.pyramid_levels)
@@ -414,6 +444,8 @@ def _interpolate_two(args: argparse.Namespace) -> int:
             index, _, frame = item
             write_image(os.path.join(folder, f"frame_{index:0{digits}d}.png"), frame)
             written += 1
+        if args.clip:
+            _write_clip(args, folder, written, digits)
         staging.commit(args.overwrite)
     finally:
         staging.cleanup()
@@ -542,6 +574,131 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- eval -------------------------------------------------------------------------------------
+def _finite_or_none(value):
+    """JSON has no inf / nan: non-finite numbers (PSNR of identical images) are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _check_report_path(path: Optional[str], flag: str) -> None:
+    """Fails before any work when ``path`` cannot be written (it is written only at the end)."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path}: is a directory")
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not _writable_dir(ancestor):
+        raise InputError(f"{flag} {path}: cannot write there ({ancestor} is not a writable "
+                         "directory)")
+
+
+def _eval_table(rows: List[Tuple[str, ...]], header: Tuple[str, ...]) -> str:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = []
+    for r in [header] + rows:
+        # First column left-aligned (names), numbers right-aligned.
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    dtype = resolve_dtype(args.dtype)
+    device = _check_device(args.device)
+    _check_backend(args.backend, device)
+    _check_report_path(args.json, "--json")
+    _check_report_path(args.csv, "--csv")
+    if args.json and args.csv and os.path.abspath(args.json) == os.path.abspath(args.csv):
+        raise InputError(f"--json and --csv name the same file {args.json}")
+    # Find and check every triplet (headers only: missing files, non-images, mismatched sizes)
+    # before loading the model, so bad input fails in seconds, not after an hour.
+    datasets = []  # (label, root, layout, triplets)
+    for root in args.roots:
+        layout = evaluation.detect_layout(root) if args.layout == "auto" else args.layout
+        # Xiph is reported both ways, like the paper: 2K (downsized) and 4K (centre crop).
+        for variant in (("xiph-2k", "xiph-4k") if layout == "xiph" else (layout,)):
+            triplets = evaluation.discover_triplets(root, variant)
+            if args.max_examples is not None:
+                triplets = triplets[:args.max_examples]
+            for triplet in triplets:
+                evaluation.check_triplet(triplet)
+            base = os.path.basename(os.path.normpath(os.path.abspath(root)))
+            datasets.append((f"{base} ({evaluation.LAYOUT_LABELS[variant]})", root, variant,
+                             triplets))
+
+    model = load(args.model, device=device, dtype=dtype, backend=args.backend,
+                 pyramid_levels=args.pyramid_levels)
+    source = getattr(model, "source", args.model or "built-in model")
+    backend = getattr(model, "backend", args.backend)
+    if not args.quiet:
+        print(f"{PROG} eval: model {source} on {device}, {_dtype_name(dtype)}, backend {backend}; "
+              "PSNR/SSIM as tf.image.psnr/ssim on RGB in [0, 1], prediction clipped, t = 0.5")
+    show_progress = not args.quiet and sys.stderr.isatty()
+    results = []
+    for label, root, layout, triplets in datasets:
+        def progress(done: int, total: int, row, label=label) -> None:
+            if show_progress:
+                print(f"\r{PROG}: {label}: {done}/{total}", end="" if done < total else "\n",
+                      file=sys.stderr, flush=True)
+        results.append(evaluation.evaluate(model, triplets, device=device, dtype=dtype,
+                                           progress=progress))
+
+    if args.per_item:
+        for (label, _, _, _), result in zip(datasets, results):
+            rows = [(r.name, f"{r.psnr:.2f}", f"{r.ssim:.4f}", f"{r.avg_psnr:.2f}",
+                     f"{r.avg_ssim:.4f}", f"{r.psnr - r.avg_psnr:+.2f}", f"{r.seconds:.3f}")
+                    for r in result.rows]
+            print(f"\n{label}")
+            print(_eval_table(rows, ("item", "PSNR", "SSIM", "avg PSNR", "avg SSIM", "gain dB",
+                                     "seconds")))
+        print()
+    rows = [(label, str(result.n), f"{result.psnr:.2f}", f"{result.ssim:.4f}",
+             f"{result.avg_psnr:.2f}", f"{result.avg_ssim:.4f}", f"{result.gain_db:+.2f}")
+            for (label, _, _, _), result in zip(datasets, results)]
+    print(_eval_table(rows, ("dataset", "n", "PSNR", "SSIM", "avg PSNR", "avg SSIM", "gain dB")))
+
+    reports = []
+    if args.json:
+        report = dict(film_fast_version=__version__, model=source, device=str(device),
+                      dtype=_dtype_name(dtype), backend=backend,
+                      protocol="official FILM eval: RGB float in [0, 1], prediction clipped to "
+                               "[0, 1], batch 1, t = 0.5; tf.image.psnr and tf.image.ssim "
+                               "(max_val 1) per triplet, then the mean; avg_* = frame averaging "
+                               "(frame0 + frame2) / 2; null = not finite (identical images)",
+                      datasets=[dict(name=label, root=os.path.abspath(root), layout=layout,
+                                     **result.to_dict(items=True))
+                                for (label, root, layout, _), result in zip(datasets, results)])
+        text = json.dumps(_finite_or_none(report), indent=2, allow_nan=False) + "\n"
+        reports.append((args.json, text))
+    if args.csv:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["dataset", "layout", "item", "n", "psnr", "ssim", "avg_psnr", "avg_ssim",
+                         "gain_db", "seconds"])
+        for (label, _, layout, _), result in zip(datasets, results):
+            if args.per_item:
+                for r in result.rows:
+                    writer.writerow([label, layout, r.name, 1, r.psnr, r.ssim, r.avg_psnr,
+                                     r.avg_ssim, r.psnr - r.avg_psnr, r.seconds])
+            writer.writerow([label, layout, "mean", result.n, result.psnr, result.ssim,
+                             result.avg_psnr, result.avg_ssim, result.gain_db, result.seconds])
+        reports.append((args.csv, buffer.getvalue()))
+    for path, text in reports:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _write_text_atomically(path, text)
+        if not args.quiet:
+            print(f"wrote {path}")
+    return 0
+
+
 # ---- parser and entry point ------------------------------------------------------------------
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
@@ -596,6 +753,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pyramid levels, for non-published checkpoints that do not record it")
     _add_model_options(p)
     _add_sequence_options(p, tile_default=None)
+    p.add_argument("--clip", default=None, metavar="FILE",
+                   help="also write the frames as a video (.mp4, .mkv, .mov: H.264; .webm: VP9; "
+                        "needs PyAV: pip install 'film_fast[video]')")
+    p.add_argument("--clip-fps", type=float, default=30.0, metavar="R",
+                   help="frame rate of --clip (default 30, as the official CLI)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace frame_*.png files already in DIR")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
@@ -666,6 +828,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --kernels: 720p, 1080p, 4k (default: 720p)")
     p.add_argument("--backward", action="store_true", help="with --kernels: time forward+backward")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("eval", help="PSNR / SSIM on frame triplets, next to frame averaging",
+                       description="Scores a model the way the official FILM eval does (RGB in "
+                                   "[0, 1], prediction clipped, batch 1, t = 0.5, tf.image.psnr "
+                                   "and tf.image.ssim) on Vimeo-90K test, Middlebury-Other, "
+                                   "UCF101 (DVF), Xiph (2K and 4K) or any folder of triplets, "
+                                   "and prints the frame-averaging baseline next to it.")
+    p.add_argument("roots", nargs="+", metavar="DATASET_ROOT",
+                   help="data set folders: vimeo_triplet or vimeo_interp_test, the Middlebury "
+                        "folder holding other-data/ and other-gt-interp/, ucf101_interp_ours, a "
+                        "folder of Xiph frames, or folders of triplet subfolders")
+    p.add_argument("--layout", choices=evaluation.LAYOUTS, default="auto",
+                   help="layout of every DATASET_ROOT (default: detected per folder); xiph "
+                        "evaluates both xiph-2k and xiph-4k")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="checkpoint (see interpolate; default: the built-in model)")
+    p.add_argument("--pyramid-levels", type=_int_at_least(1), default=None, metavar="N")
+    _add_model_options(p)
+    p.add_argument("--max-examples", type=_int_at_least(1), default=None, metavar="N",
+                   help="only the first N triplets of each data set")
+    p.add_argument("--json", default=None, metavar="OUT",
+                   help="also write the results, every triplet included, as JSON")
+    p.add_argument("--csv", default=None, metavar="OUT",
+                   help="also write one mean row per data set (and the triplets with --per-item)")
+    p.add_argument("--per-item", action="store_true",
+                   help="also print (and put in --csv) the scores of every triplet")
+    p.add_argument("--quiet", action="store_true", help="no progress line or header; the table")
+    p.set_defaults(func=_cmd_eval)
+
+    from .training import cli_train
+    p = cli_train.add_parser(sub, PROG)
+    p.set_defaults(func=cli_train.run)
     return parser
 
 
@@ -696,7 +890,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if getattr(args, "func", None) is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: a command is required (interpolate, video, convert, info, bench)",
+        print(f"{PROG}: error: a command is required (interpolate, video, convert, info, bench, eval, train)",
               file=sys.stderr)
         return 2
     try:

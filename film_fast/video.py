@@ -460,6 +460,48 @@ def output_format(path: str) -> str:
                      ".webm)")
 
 
+def write_clip(frame_paths, path: str, fps: float = 30.0, crf: int = 18) -> None:
+    """Encodes image files (in order) as a video at ``fps``: the ``--clip`` of ``film-fast
+    interpolate`` (the official CLI writes its clip at 30 fps). H.264 yuv420p in .mp4/.mkv/.mov
+    (what every player opens; odd sizes are padded by one replicated pixel, since 4:2:0 needs
+    even sizes), VP9 in .webm. Written to a temporary name and renamed when complete."""
+    from .imageio import read_image, to_uint8
+    av = _require_av()
+    fmt = output_format(path)
+    if not frame_paths:
+        raise InputError(f"{path}: no frames to encode")
+    if not fps > 0:
+        raise InputError(f"--clip-fps must be positive, got {fps}")
+    codec = "libvpx-vp9" if fmt == "webm" else "libx264"
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with av.open(tmp, "w", format=fmt) as out:
+            stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+            first = to_uint8(read_image(frame_paths[0]))
+            height, width = first.shape[:2]
+            stream.width, stream.height = width + width % 2, height + height % 2
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf)} if codec == "libx264" else {"crf": str(crf + 13), "b": "0"}
+            for k, name in enumerate(frame_paths):
+                pixels = first if k == 0 else to_uint8(read_image(name))
+                if pixels.shape[:2] != (height, width):
+                    raise InputError(f"{name}: is {pixels.shape[1]}x{pixels.shape[0]}, the clip "
+                                     f"is {width}x{height}")
+                if (stream.width, stream.height) != (width, height):
+                    pixels = np.pad(pixels, ((0, stream.height - height), (0, stream.width - width),
+                                             (0, 0)), mode="edge")
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _choose_codec(av, requested: Optional[str], info: VideoInfo, fmt: str) -> str:
     probe_out = av.open(io.BytesIO(), "w", format=fmt)
     try:

@@ -380,6 +380,43 @@ def test_upsample_flow_warp_inference_and_out_identity():
     assert_fp32_close(warped, ref_warped, "warped")
 
 
+@pytest.mark.parametrize("fill", ["a_half", "whole"])
+def test_upsample_flow_warp_out_slice_keeps_the_rest_of_the_buffer_differentiable(fill):
+    """Regression: with ``out=buf[:, Ca:]`` under autograd, the gradient of the buffer's *other*
+    channels (the predictor's ``a`` features, copied in before the op) must still flow back.
+
+    The triton backward returned None for ``out``; autograd's CopySlices then dropped the gradient
+    of the whole base buffer, so the feature extractor got no gradient through the flow
+    predictor's ``a`` half (25% error on its weights in a training step). ``whole``: the buffer's
+    old content in the ``out`` region came from a leaf too, and must get a zero gradient there.
+    """
+    b, ca, c, h, w, H, W = 2, 3, 5, 4, 5, 8, 10
+    flow0 = torch.randn(b, 2, h, w, generator=gen(1)) * 2
+    feat0 = torch.rand(b, c, H, W, generator=gen(2))
+    src0 = torch.rand(b, ca + c if fill == "whole" else ca, H, W, generator=gen(3))
+    gout = [torch.randn(b, 2, H, W, generator=gen(4)).to(DEVICE),
+            torch.randn(b, ca + c, H, W, generator=gen(5)).to(DEVICE)]
+    grads = {}
+    for backend in ("torch", "triton"):
+        flow = prep(flow0, torch.float32)
+        features = prep(feat0, torch.float32, "nhwc")
+        src = prep(src0, torch.float32, "nhwc")
+        buf = torch.full((b, ca + c, H, W), NAN, device=DEVICE).contiguous(
+            memory_format=torch.channels_last)
+        buf[:, :src.shape[1]].copy_(src)
+        up, _ = ops.upsample_flow_warp(flow, features, out=buf[:, ca:], backend=backend)
+        grads[backend] = torch.autograd.grad([up, buf], [flow, features, src], gout,
+                                             allow_unused=True)
+    ref_up, _ = ops.upsample_flow_warp(flow0.to(DEVICE), feat0.to(DEVICE), backend="torch")
+    for name, got, ref in zip(("flow", "features", "src"), grads["triton"], grads["torch"]):
+        assert got is not None, f"grad {name}: None (gradient lost through the out= slice)"
+        if name == "flow" and not bool(smooth_sample_mask(ref_up).all()):
+            continue  # a fine sample on a bilinear kink: the flow gradient is not comparable
+        assert_fp32_close(got, ref, f"grad {name}")
+    if fill == "whole":  # the overwritten old content does not reach the result
+        assert torch.equal(grads["triton"][2][:, ca:], torch.zeros_like(grads["triton"][2][:, ca:]))
+
+
 # ---- conv2d -----------------------------------------------------------------------------------
 CONV_CASES = [
     # (B, Cin, Cout, H, W, k, activation, bias, dtype, layout)

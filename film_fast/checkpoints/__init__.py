@@ -125,9 +125,15 @@ def read_checkpoint(path: str, *, pyramid_levels: Optional[int] = None,
                 raw = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise CheckpointFormatError(f"{path}: unreadable safetensors file ({e})") from None
+        if TRAINING_METADATA_KEY in meta:
+            # A `film-fast train` checkpoint: the model's tensors are under "model.", next to the
+            # optimizer state, which inference does not need.
+            raw = {k[len("model."):]: v for k, v in raw.items() if k.startswith("model.")}
         port = is_port_state(raw)
         state = _canonical(raw, path)
         fmt = "safetensors (PyTorch port keys)" if port else "safetensors (film_fast)"
+        if TRAINING_METADATA_KEY in meta:
+            fmt = "safetensors (film-fast train checkpoint)"
         if SAFETENSORS_OPTIONS_KEY in meta:
             try:
                 stored_options = Options.from_dict(json.loads(meta[SAFETENSORS_OPTIONS_KEY]))
@@ -165,6 +171,10 @@ def read_checkpoint(path: str, *, pyramid_levels: Optional[int] = None,
     dtypes = {t.dtype for t in state.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     return Checkpoint(state=state, options=options, format=fmt, path=path, dtype=dtype)
+
+
+# Metadata key of `film-fast train` checkpoints (film_fast.training.trainer.META_KEY).
+TRAINING_METADATA_KEY = "film_fast.training"
 
 
 def save_safetensors(model, path: str) -> None:

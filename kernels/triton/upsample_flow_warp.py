@@ -136,12 +136,20 @@ class TritonWarpIntoFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_warped):
         features, up = ctx.saved_tensors
-        need_up, need_features = ctx.needs_input_grad[1:3]
+        need_out, need_up, need_features = ctx.needs_input_grad[:3]
+        # out's old content does not reach the result, so its gradient is zero, but it must be a
+        # zero *tensor*, not None: when ``out`` is a view (``buf[:, Ca:]``), autograd wraps this
+        # node in CopySlices, which routes input 0's gradient to the whole base buffer: it copies
+        # it into the view's region of the base's gradient and passes the rest through. A None
+        # here makes CopySlices drop the base's gradient entirely, i.e. the gradient of every
+        # *other* channel of the buffer (the flow predictor's ``a`` features, written by
+        # copy_ before this op) silently vanished.
+        grad_out = torch.zeros_like(grad_warped) if need_out else None
         if not (need_up or need_features):
-            return None, None, None
+            return grad_out, None, None
         grad_features, grad_up = warp_bwd(features, up, grad_warped, need_features, need_up,
                                           config=ctx.config)
-        return None, grad_up, grad_features  # out's old content does not reach the result
+        return grad_out, grad_up, grad_features
 
 
 def upsample_flow_warp(flow: torch.Tensor, features: torch.Tensor,

@@ -1,0 +1,1 @@
+"""Training of FILM: data pipeline, losses, TensorBoard logging."""
