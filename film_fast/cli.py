@@ -38,6 +38,7 @@ from .api import load, resolve_device, resolve_dtype
 from .checkpoints import read_checkpoint, save_safetensors
 from .errors import CheckpointError, FilmFastError, InputError
 from .flops import conv_flops
+from .prefetch import prefetch
 from .imageio import read_image, write_image
 from .interpolation import MAX_TIMES_TO_INTERPOLATE, frame_times, iter_frames, resolve_schedule
 from .model import FILM
@@ -361,7 +362,8 @@ def _interpolate_sequence(args: argparse.Namespace, paths: List[str], model=None
     else:
         threshold = args.scene_threshold or None
     show_progress = not args.quiet and sys.stderr.isatty()
-    frames = (read_image(p) for p in paths)
+    # Images are read two ahead on a background thread: PNG/JPEG decoding overlaps the model.
+    frames = prefetch((read_image(p) for p in paths), depth=2)
     staging = _Staging(out_dir)
     start = time.perf_counter()
     try:

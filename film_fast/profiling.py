@@ -38,15 +38,67 @@ def _storages(obj) -> set:
 
 
 class LaunchCounter(TorchDispatchMode):
-    """``with LaunchCounter() as c: model(...)``; then ``c.total`` and ``c.by_op``."""
+    """``with LaunchCounter() as c: model(...)``; then ``c.total`` and ``c.by_op``.
 
-    def __init__(self) -> None:
+    With ``triton=True`` every Triton kernel launch is counted too (as ``triton.<kernel>``),
+    on a GPU (``JITFunction.run``) and under ``TRITON_INTERPRET=1`` (the interpreter's
+    ``InterpretedFunction.run``); the ATen ops the interpreter itself runs to emulate a
+    kernel are not counted, so the total is what a GPU would launch.
+    """
+
+    def __init__(self, triton: bool = False) -> None:
         super().__init__()
         self.by_op: Counter[str] = collections.Counter()
+        self._count_triton = triton
+        self._inside_kernel = 0
+        self._patched: list = []
+
+    def __enter__(self):
+        if self._count_triton:
+            self._patch_triton()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            for owner, name, original in reversed(self._patched):
+                setattr(owner, name, original)
+            self._patched.clear()
+
+    def _patch_triton(self) -> None:
+        try:
+            from triton.runtime import jit
+        except ImportError:
+            return
+        owners = [jit.JITFunction]
+        try:
+            from triton.runtime import interpreter
+            owners.append(interpreter.InterpretedFunction)
+        except ImportError:
+            pass
+        counter = self
+
+        for owner in owners:
+            original = owner.run
+
+            def run(kernel, *args, __original=original, **kwargs):
+                fn = getattr(kernel, "fn", kernel)
+                counter.by_op[f"triton.{getattr(fn, '__name__', 'kernel')}"] += 1
+                counter._inside_kernel += 1
+                try:
+                    return __original(kernel, *args, **kwargs)
+                finally:
+                    counter._inside_kernel -= 1
+
+            self._patched.append((owner, "run", original))
+            owner.run = run
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self._inside_kernel:
+            return out  # the Triton interpreter emulating a kernel: counted once, as the kernel
         name = str(func.overloadpacket)
         if name in VIEW_OPS or func.is_view:
             return out
@@ -61,7 +113,7 @@ class LaunchCounter(TorchDispatchMode):
         return sum(self.by_op.values())
 
 
-def count_launches(fn: Callable[[], object]) -> LaunchCounter:
-    with torch.inference_mode(), LaunchCounter() as counter:
+def count_launches(fn: Callable[[], object], triton: bool = False) -> LaunchCounter:
+    with torch.inference_mode(), LaunchCounter(triton=triton) as counter:
         fn()
     return counter

@@ -4,10 +4,12 @@ Pipeline (nothing holds more than a chunk of frames in memory):
 
 1. **Decode** the first video stream with PyAV, frame by frame, to 8-bit RGB
    (colour matrix and range taken from the stream, so decode and encode use the
-   same conversion). Timestamps come from each frame's ``pts`` (variable frame
-   rate is kept: in-between frames sit between their neighbours' timestamps); a
-   missing or non-increasing ``pts`` is replaced by the previous one plus one
-   nominal frame duration.
+   same conversion); a source with more than 8 bits per component (10/12-bit
+   YUV, ``rgb48``, ...) is decoded to 16-bit RGB (``rgb48le``) and interpolated
+   as float frames, see "Bit depth" below. Timestamps come from each frame's
+   ``pts`` (variable frame rate is kept: in-between frames sit between their
+   neighbours' timestamps); a missing or non-increasing ``pts`` is replaced by the
+   previous one plus one nominal frame duration.
 2. **Interpolate** with :func:`film_fast.stream.run_stream` and write every output
    frame as ``<OUT>.film-fast-work/frames/<k>.png`` (``k`` = output frame number,
    written under a temporary name and renamed, so a file that exists is complete).
@@ -23,6 +25,20 @@ the first frame (it is cheap next to FILM), chunks whose PNGs all exist are
 skipped, a partly written chunk is redone, and the encode runs again. Frames are
 identical to an uninterrupted run because chunks always start at the same pair
 (multiples of the batch size).
+
+Bit depth
+---------
+The work folder holds 8-bit RGB PNGs when every component of the input's pixel
+format has at most 8 bits (exactly the original pipeline: uint8 frames in, uint8
+frames out), else 16-bit RGB PNGs (written and read with FFmpeg's PNG codec,
+``rgb48be``): frames are decoded to ``rgb48le``, handed to the model as ``[3, H, W]``
+float32 tensors (value / 65535), and written back as ``round(x * 65535)``, so input
+frames pass through bit-exact. ``manifest.json`` records the depth (``bit_depth``:
+8 or 16; a manifest without it is 8-bit) and ``--resume`` refuses a work folder
+written at another depth. The encoder gets the input's pixel format when it takes
+it, else the closest one with more than 8 bits (``yuv420p10le`` for libx264,
+``yuv444p10le`` for an RGB input, ...); an encoder with none falls back to 8 bits
+with a one-line warning naming it.
 
 Frame timing rules
 ------------------
@@ -51,6 +67,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -59,7 +76,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 from fractions import Fraction
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -80,6 +97,8 @@ MAX_FPS_LEVELS = 10
 SEGMENT_MIN_PAIRS = 8
 DIST_TIMEOUT = timedelta(days=7)  # rank 0 may wait at the barrier for slower ranks
 PNG_COMPRESS_LEVEL = 1  # fast; the PNGs are temporary
+HIGH_DEPTH = 16  # the work folder's bits per component for inputs above 8 bits
+PNG16_FORMAT = "rgb48be"  # what FFmpeg's PNG codec writes (and decodes) 16-bit RGB as
 PROGRESS_INTERVAL_S = 10.0  # progress lines when stderr is not a terminal
 
 # AVColorSpace -> swscale colour matrix (SWS_CS_*): BT.709, FCC, BT.601 (BT470BG and
@@ -128,6 +147,12 @@ class VideoInfo:
     color_trc: int
     sample_aspect_ratio: Optional[Fraction]
     audio: List[Tuple[int, str]] = field(default_factory=list)
+    bits: int = 8  # most bits of any colour component of pix_fmt
+
+    @property
+    def work_depth(self) -> int:
+        """Bits per component of the work folder's frames: 8, or 16 for inputs above 8 bits."""
+        return HIGH_DEPTH if self.bits > 8 else 8
 
     @property
     def sws_colorspace(self) -> int:
@@ -181,12 +206,37 @@ def probe(path: str) -> VideoInfo:
             colorspace=int(cc.colorspace or 2), color_primaries=int(cc.color_primaries or 2),
             color_trc=int(cc.color_trc or 2),
             sample_aspect_ratio=Fraction(sar) if sar else None,
-            audio=[(s.index, s.codec_context.name) for s in container.streams.audio])
+            audio=[(s.index, s.codec_context.name) for s in container.streams.audio],
+            bits=_format_bits(av, cc.pix_fmt or "yuv420p"))
 
 
-def decode_frames(info: VideoInfo, on_pts) -> Iterator[np.ndarray]:
-    """Yields every frame as ``[H, W, 3]`` uint8 RGB; calls ``on_pts(index, pts)`` first
-    (pts in the stream's time base, repaired to increase strictly)."""
+def _format_bits(av, name: str) -> int:
+    """The most bits of any colour component of pixel format ``name`` (8 when unknown)."""
+    try:
+        return max((int(c.bits) for c in av.VideoFormat(name).components if not c.is_alpha),
+                   default=8)
+    except Exception:  # a format this FFmpeg does not describe
+        return 8
+
+
+def decode_frames(info: VideoInfo, on_pts, read_ahead: int = 2,
+                  bit_depth: int = 8) -> Iterator[Union[np.ndarray, torch.Tensor]]:
+    """Yields every frame as ``[H, W, 3]`` uint8 RGB (``bit_depth`` 8), or as a ``[3, H, W]``
+    float32 tensor in [0, 1] (``bit_depth`` 16: 16-bit RGB divided by 65535); calls
+    ``on_pts(index, pts)`` first (pts in the stream's time base, repaired to increase
+    strictly).
+
+    Decoding runs ``read_ahead`` frames ahead on a background thread
+    (:mod:`film_fast.prefetch`), so FFmpeg's work overlaps the model's; ``on_pts`` is
+    still called on the consumer's thread, just before its frame is handed out.
+    """
+    from .prefetch import prefetch
+    for index, pts, pixels in prefetch(_decode_items(info, bit_depth), depth=read_ahead):
+        on_pts(index, pts)
+        yield pixels
+
+
+def _decode_items(info: VideoInfo, bit_depth: int = 8) -> Iterator[Tuple[int, int, object]]:
     av = _require_av()
     step = 1
     if info.rate:
@@ -213,10 +263,30 @@ def decode_frames(info: VideoInfo, on_pts) -> Iterator[np.ndarray]:
             if pts is None or (previous is not None and pts <= previous):
                 pts = 0 if previous is None else previous + step
             previous = pts
-            on_pts(index, int(pts))
-            yield frame.to_ndarray(format="rgb24", src_colorspace=info.sws_colorspace,
-                                   src_color_range=info.rgb_range)
+            if bit_depth == 8:
+                yield index, int(pts), frame.to_ndarray(format="rgb24",
+                                                        src_colorspace=info.sws_colorspace,
+                                                        src_color_range=info.rgb_range)
+            else:  # converted here, on the read-ahead thread
+                yield index, int(pts), _from_rgb48(frame.to_ndarray(
+                    format="rgb48le", src_colorspace=info.sws_colorspace,
+                    src_color_range=info.rgb_range))
             index += 1
+
+
+def _from_rgb48(pixels: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` uint16 -> ``[3, H, W]`` float32 ``value / 65535`` (contiguous)."""
+    x = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+    x /= np.float32(65535.0)
+    return torch.from_numpy(x)
+
+
+def _to_rgb48(image: torch.Tensor) -> np.ndarray:
+    """``[3, H, W]`` float in [0, 1] -> ``[H, W, 3]`` uint16 (clamp, x65535, round half to
+    even): the exact inverse of :func:`_from_rgb48` on its outputs."""
+    x = image.detach().to(device="cpu", dtype=torch.float32)
+    x = torch.nan_to_num(x, nan=0.0).clamp(0.0, 1.0) * 65535.0
+    return torch.round(x).to(torch.int32).permute(1, 2, 0).numpy().astype(np.uint16, order="C")
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -434,6 +504,42 @@ def _write_png(folder: str, k: int, pixels: np.ndarray) -> None:
             os.remove(tmp)
 
 
+def _write_png16(folder: str, k: int, image: torch.Tensor) -> None:
+    """Writes ``image`` (``[3, H, W]`` float in [0, 1]) as a 16-bit RGB PNG (FFmpeg's encoder:
+    Pillow writes no 16-bit RGB), under a temporary name renamed into place."""
+    av = _require_av()
+    pixels = _to_rgb48(image)
+    codec = av.codec.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = pixels.shape[1], pixels.shape[0], PNG16_FORMAT
+    codec.options = {"compression_level": str(PNG_COMPRESS_LEVEL)}
+    frame = av.VideoFrame.from_ndarray(pixels, format="rgb48le")
+    packets = list(codec.encode(frame)) + list(codec.encode(None))
+    path = os.path.join(folder, _frame_name(k))
+    tmp = os.path.join(folder, f".{_frame_name(k)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for packet in packets:
+                f.write(bytes(packet))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_png16(av, path: str):
+    """A 16-bit RGB PNG of the work folder as an ``rgb48be`` VideoFrame; VideoError if the file
+    holds another format (an 8-bit frame in a 16-bit work folder)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    codec = av.codec.CodecContext.create("png", "r")
+    frames = list(codec.decode(av.Packet(data))) + list(codec.decode(None))
+    if len(frames) != 1 or frames[0].format.name != PNG16_FORMAT:
+        found = frames[0].format.name if frames else "nothing"
+        raise VideoError(f"{path}: holds {found}, expected 16-bit RGB ({PNG16_FORMAT}); the work "
+                         "folder was written at another bit depth: delete it and start over")
+    return frames[0]
+
+
 # ---- output -------------------------------------------------------------------------------------
 def output_format(path: str) -> str:
     """The muxer for OUT's extension (mp4, matroska, mov, webm, ...); InputError if none."""
@@ -527,14 +633,59 @@ def _choose_codec(av, requested: Optional[str], info: VideoInfo, fmt: str) -> st
     return default or "libx264"
 
 
-def _choose_pix_fmt(av, codec_name: str, wanted: str) -> str:
+def _choose_pix_fmt(av, codec_name: str, wanted: str, bits: int = 8) -> str:
+    """The encoder's pixel format: ``wanted`` (the input's) when the encoder takes it; for an
+    input above 8 bits (``bits``), else the encoder's closest format above 8 bits; else
+    yuv420p, else the encoder's first."""
     formats = [f.name for f in (av.codec.Codec(codec_name, "w").video_formats or [])]
     if not formats or wanted in formats:
         return wanted
+    if bits > 8:
+        deep = _closest_deep_format(av, formats, wanted, bits)
+        if deep is not None:
+            return deep
     for name in ("yuv420p", formats[0]):
         if name in formats:
             return name
     return formats[0]
+
+
+_FLOAT_FORMAT = re.compile(r"f(16|32)(le|be)?$")
+
+
+def _describe_format(av, name: str):
+    """(bits of the deepest colour component, has alpha, has colour, is RGB, chroma
+    subsampling), or None for a format this FFmpeg does not describe."""
+    try:
+        fmt = av.VideoFormat(name, 64, 64)
+        comps = list(fmt.components)
+        colour = [c for c in comps if not c.is_alpha]
+        return (max((int(c.bits) for c in colour), default=0), len(colour) < len(comps),
+                len(colour) >= 3, bool(fmt.is_rgb), (fmt.chroma_width(), fmt.chroma_height()),
+                bool(fmt.is_bayer or fmt.has_palette))
+    except Exception:
+        return None
+
+
+def _closest_deep_format(av, formats: List[str], wanted: str, bits: int) -> Optional[str]:
+    """Among ``formats``, the one above 8 bits closest to ``wanted``: colour for colour (never
+    grey for colour), alpha as ``wanted``, at least ``bits`` bits if there is one, RGB for RGB,
+    the same chroma subsampling, then the fewest extra bits. None when none has more than 8
+    bits."""
+    ref = _describe_format(av, wanted) or (bits, False, True, False, (32, 32), False)
+    best, best_key = None, None
+    for index, name in enumerate(formats):
+        d = _describe_format(av, name)
+        if d is None or _FLOAT_FORMAT.search(name):
+            continue
+        depth, alpha, colour, rgb, sub, special = d
+        if depth <= 8 or special or (ref[2] and not colour):
+            continue
+        key = (alpha != ref[1], colour != ref[2], depth < bits, rgb != ref[3], sub != ref[4],
+               abs(depth - bits), index)
+        if best_key is None or key < best_key:
+            best, best_key = name, key
+    return best
 
 
 def _audio_can_copy(av, fmt: str, path: str, stream_index: int) -> bool:
@@ -639,12 +790,20 @@ class _AudioMux:
 
 def encode_video(info: VideoInfo, frames_dir: str, pts_out: Iterator[int], total: int,
                  out_path: str, fmt: str, time_base: Fraction, rate: Optional[Fraction], *,
-                 codec: Optional[str], crf: Optional[int], progress: Progress) -> Dict[str, str]:
-    """Encodes ``frames_dir/<k>.png`` (k < total) with ``pts_out`` into ``out_path``; copies or
-    re-encodes the input's audio. Returns a summary."""
+                 codec: Optional[str], crf: Optional[int], progress: Progress,
+                 bit_depth: int = 8) -> Dict[str, str]:
+    """Encodes ``frames_dir/<k>.png`` (k < total; 8-bit RGB, or 16-bit RGB for ``bit_depth``
+    16) with ``pts_out`` into ``out_path``; copies or re-encodes the input's audio. Returns a
+    summary."""
     av = _require_av()
     codec_name = _choose_codec(av, codec, info, fmt)
-    pix_fmt = _choose_pix_fmt(av, codec_name, info.pix_fmt)
+    pix_fmt = _choose_pix_fmt(av, codec_name, info.pix_fmt, info.bits)
+    out_bits = _format_bits(av, pix_fmt)
+    if info.bits > 8 and out_bits < info.bits:
+        encoder = av.codec.Codec(codec_name, "w").name  # "vp9" -> "libvpx-vp9"
+        print(f"{PROG} video: warning: {encoder} takes no {info.bits}-bit pixel format like "
+              f"the input's {info.pix_fmt}; encoding {out_bits}-bit {pix_fmt}", file=sys.stderr,
+              flush=True)
     out = audio_in = audio = None
     try:
         out = av.open(out_path, "w", format=fmt)
@@ -672,12 +831,18 @@ def encode_video(info: VideoInfo, frames_dir: str, pts_out: Iterator[int], total
         for k in range(total):
             pts = next(pts_out)
             path = os.path.join(frames_dir, _frame_name(k))
-            with Image.open(path) as img:
-                pixels = np.asarray(img.convert("RGB"))
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            if pix_fmt not in ("rgb24",):
-                frame = frame.reformat(format=pix_fmt, dst_colorspace=info.sws_colorspace,
-                                       dst_color_range=out_range)
+            if bit_depth == 8:
+                with Image.open(path) as img:
+                    pixels = np.asarray(img.convert("RGB"))
+                frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+                if pix_fmt not in ("rgb24",):
+                    frame = frame.reformat(format=pix_fmt, dst_colorspace=info.sws_colorspace,
+                                           dst_color_range=out_range)
+            else:
+                frame = _read_png16(av, path)
+                if pix_fmt != PNG16_FORMAT:
+                    frame = frame.reformat(format=pix_fmt, dst_colorspace=info.sws_colorspace,
+                                           dst_color_range=out_range)
             frame.pts = pts
             frame.time_base = time_base
             for packet in stream.encode(frame):
@@ -785,7 +950,12 @@ def _job_params(args, info, timing, threshold, model_path, dtype, batch, segment
         "batch_size": batch,
         "segment_pairs": segment_pairs,
         "dtype": str(dtype).replace("torch.", ""),
+        "bit_depth": info.work_depth,
     }
+
+
+# Values of job parameters that manifests written before the parameter existed had.
+_PARAM_DEFAULTS = {"bit_depth": 8}
 
 
 def _prepare_work(args, work: str, params: dict, tiling_auto) -> dict:
@@ -802,8 +972,14 @@ def _prepare_work(args, work: str, params: dict, tiling_auto) -> dict:
             raise InputError(f"{manifest_path}: cannot resume, unreadable manifest "
                              f"({_one_line(e)}); delete {work} to start over") from None
         for key, value in params.items():
-            if manifest.get(key) != value:
-                raise InputError(f"cannot resume from {work}: {key} was {manifest.get(key)!r}, now "
+            recorded = manifest.get(key, _PARAM_DEFAULTS.get(key))
+            if key == "bit_depth" and recorded != value:
+                raise InputError(f"cannot resume from {work}: its frames were written at "
+                                 f"{recorded} bits per component, this run writes {value} (the "
+                                 "input's pixel format decides); delete the folder to start "
+                                 "over")
+            if recorded != value:
+                raise InputError(f"cannot resume from {work}: {key} was {recorded!r}, now "
                                  f"{value!r}; use the same options or delete the folder")
         os.makedirs(os.path.join(work, FRAMES), exist_ok=True)
         return dict(manifest, fresh=False)
@@ -885,14 +1061,16 @@ def _run_job(args, dist_env: Dist, info: VideoInfo, out_abs: str, work: str, fmt
 
     start = time.perf_counter()
     try:
-        frames = decode_frames(info, on_pts)
+        depth = manifest.get("bit_depth", 8)
+        frames = decode_frames(info, on_pts, bit_depth=depth)
+        write = _write_png if depth == 8 else _write_png16
         stream = run_stream(model, frames, plan_for, batch_size=batch,
                             scene_threshold=threshold or None, tile=tiling,
                             tail_for=tail_for, select=select)
         for k, pixels in stream:
             if os.path.exists(os.path.join(frames_dir, _frame_name(k))):
                 continue
-            _write_png(frames_dir, k, pixels)
+            write(frames_dir, k, pixels)
             counts["written"] += 1
             progress.update(counts["written"])
             if args.stop_after is not None and counts["written"] >= args.stop_after:
@@ -953,7 +1131,8 @@ def _run_job(args, dist_env: Dist, info: VideoInfo, out_abs: str, work: str, fmt
     try:
         summary = encode_video(info, frames_dir, timing.output_pts(all_pts), total, tmp_out, fmt,
                                timing.time_base(tb), timing.rate(info.rate), codec=args.codec,
-                               crf=args.crf, progress=enc_progress)
+                               crf=args.crf, progress=enc_progress,
+                               bit_depth=manifest.get("bit_depth", 8))
         os.replace(tmp_out, out_abs)
     except KeyboardInterrupt:
         enc_progress.finish()

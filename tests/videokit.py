@@ -117,3 +117,61 @@ def read_video(path: str):
                          start=float(start * a.time_base), end=float(end * a.time_base),
                          seconds=float((end - start) * a.time_base))
     return frames, pts, info["time_base"], info, audio
+
+
+def gradient_frames(n: int = 5, width: int = 96, height: int = 64) -> List[np.ndarray]:
+    """``n`` [H, W, 3] uint16 RGB frames of smooth, slowly moving gradients: values on a 16-bit
+    grid, most of them between two 8-bit levels (what 8-bit decoding would quantise)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    frames = []
+    for t in range(n):
+        r = 0.35 + 0.06 * (xx + 2 * t) / width + 0.02 * np.sin((yy + t) / 9)
+        g = 0.45 + 0.05 * yy / height + 0.03 * np.cos((xx - 3 * t) / 13)
+        b = 0.40 + 0.04 * (xx + yy + t) / (width + height)
+        frames.append(np.round(np.stack([r, g, b], -1) * 65535).astype(np.uint16))
+    return frames
+
+
+def write_deep_video(path: str, frames: Sequence[np.ndarray], codec: str, pix_fmt: str, *,
+                     rate: Fraction = Fraction(25), options: Optional[dict] = None) -> None:
+    """Encodes [H, W, 3] uint16 RGB ``frames`` as ``pix_fmt`` (BT.709, limited range for YUV),
+    no audio."""
+    import av
+    height, width = frames[0].shape[:2]
+    with av.open(path, "w") as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        cc = stream.codec_context
+        cc.colorspace, cc.color_range, cc.color_primaries, cc.color_trc = 1, 1, 1, 1
+        if options:
+            cc.options = dict(options)
+        for k, pixels in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb48le")
+            frame = frame.reformat(format=pix_fmt, dst_colorspace=1, dst_color_range=1)
+            frame.pts = k
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+def read_deep_video(path: str):
+    """(frames as [H, W, 3] uint16 RGB (BT.709, limited range), the frames' planes as uint16
+    arrays (formats above 8 bits, little endian), pts, time base, stream info)."""
+    import av
+    frames, planes, pts = [], [], []
+    with av.open(path) as c:
+        v = c.streams.video[0]
+        cc = v.codec_context
+        info = dict(codec=cc.name, pix_fmt=cc.pix_fmt, width=cc.width, height=cc.height,
+                    color_range=cc.color_range, colorspace=cc.colorspace,
+                    color_primaries=cc.color_primaries, color_trc=cc.color_trc,
+                    average_rate=v.average_rate, time_base=Fraction(v.time_base),
+                    bits=max(comp.bits for comp in av.VideoFormat(cc.pix_fmt).components))
+        for f in c.decode(v):
+            frames.append(f.to_ndarray(format="rgb48le", src_colorspace=1, src_color_range=1))
+            if info["bits"] > 8:
+                planes.append([np.frombuffer(p, np.uint16).reshape(p.height, -1)[:, :p.width].copy()
+                               for p in f.planes])
+            pts.append(f.pts)
+    return frames, planes, pts, info["time_base"], info
