@@ -355,3 +355,20 @@ def test_training_step_through_triton_kernels_matches_torch(frame_folder, tmp_pa
     for name, g in grads["torch"].items():
         ref = g.abs().max().clamp_min(1e-12)
         assert float((grads["triton"][name] - g).abs().max() / ref) < 1e-4, name
+
+
+def test_init_from_weights(frame_folder, tmp_path):
+    """`init` starts a run (fine-tuning) from existing weights, e.g. the built-in model's."""
+    root, _ = frame_folder
+    first = Trainer(_tiny_config(root, num_steps=2, log_every=1, checkpoint_every=2), str(tmp_path / "a"),
+                    device="cpu", progress=False)
+    first.run()
+    cfg = _tiny_config(root, seed=5, init=str(tmp_path / "a" / "model.safetensors"))
+    tuned = Trainer(cfg, str(tmp_path / "b"), device="cpu", progress=False)
+    for (k, a), (_, b) in zip(first.model.state_dict().items(), tuned.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    fresh = Trainer(_tiny_config(root, seed=5), str(tmp_path / "c"), device="cpu", progress=False)
+    assert not torch.equal(fresh.model.fuse.output.weight, tuned.model.fuse.output.weight)
+    bad = _tiny_config(root, init=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(Exception, match="missing.safetensors"):
+        Trainer(bad, str(tmp_path / "d"), device="cpu", progress=False)

@@ -39,6 +39,7 @@ class ConfigError(ValueError):
 
 DEFAULTS: Dict[str, Any] = {
     "model": {},                      # film_net Options; {} = the published config
+    "init": None,                     # weights to start from (any checkpoint film_fast.load reads)
     "data": {
         "crop_size": 256,             # official: 256
         "batch_size": 8,              # official: 8
@@ -178,8 +179,9 @@ def load_config(path: str) -> Dict[str, Any]:
                     src[key] = [os.path.normpath(os.path.join(base, p)) for p in src[key]]
             if "root" in src:
                 src["root"] = os.path.normpath(os.path.join(base, src["root"]))
-    if cfg["vgg_path"]:
-        cfg["vgg_path"] = os.path.normpath(os.path.join(base, cfg["vgg_path"]))
+    for key in ("vgg_path", "init"):
+        if cfg[key]:
+            cfg[key] = os.path.normpath(os.path.join(base, cfg[key]))
     return cfg
 
 

@@ -306,6 +306,12 @@ class Trainer:
         torch.manual_seed(cfg["seed"])  # the initial weights
         self.options = config_lib.model_options(cfg)
         self.model = FILM(self.options, backend=cfg["backend"]).to(self.device)
+        if cfg.get("init"):
+            # Fine-tuning: start from existing weights (published, port, or our own); the
+            # architecture must be the config's.
+            from ..checkpoints import read_checkpoint
+            ckpt = read_checkpoint(cfg["init"], options=self.options)
+            self.model.load_state_dict({k: v.float() for k, v in ckpt.state.items()})
         self.model.train()
         opt = cfg["optimizer"]
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt["learning_rate"],
