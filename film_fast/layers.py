@@ -52,7 +52,8 @@ class Conv(nn.Module):
             return w
         if extra < 0:
             raise ValueError(f"conv expects {w.shape[1]} input channels, got {channels}")
-        if torch.is_grad_enabled() and w.requires_grad:
+        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+            # (compiled graphs pad in the graph: the cache key reads data_ptr, untraceable)
             return F.pad(w, (0, 0, 0, 0, 0, extra))
         key = (channels, w.dtype, w.device, w.data_ptr(), w._version)
         if self._padded_key != key:

@@ -6,6 +6,11 @@ Every op takes NCHW tensors and a ``backend`` keyword (``None`` = the
 :mod:`film_fast.ops.reference`; kernel backends register themselves with
 :func:`film_fast.ops.dispatch.register` and are tested against it.
 
+Under ``torch.compile`` (``torch.compiler.is_compiling()``) every op routes through
+the custom ops registered in :mod:`film_fast.ops.library` (``torch.ops.film_fast.*``),
+which Dynamo records as single graph nodes with fake (meta) implementations and
+autograd formulas; eager calls take the direct path below.
+
 Example::
 
     >>> import torch, film_fast.ops as ops
@@ -19,14 +24,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import reference, torch_fast
+from . import library, reference, torch_fast
 from .dispatch import (BACKENDS, BackendUnavailable, available_backends, normalize_backend,
                        register, resolve)
 
 OPS = ("warp", "warp_into", "upsample_flow", "conv2d", "avg_pool2x2", "upsample_conv2x2", "upsample_flow_warp",
        "conv2d_levels", "conv2d_pool")
 
-__all__ = list(OPS) + ["BACKENDS",
+__all__ = list(OPS) + ["BACKENDS", "library",
            "BackendUnavailable", "available_backends", "normalize_backend", "register", "resolve"]
 
 for _name in OPS:
@@ -67,6 +72,8 @@ def warp(image: torch.Tensor, flow: torch.Tensor, out: Optional[torch.Tensor] = 
                          f"{list(image.shape)}, got {list(flow.shape)}")
     if out is not None and tuple(out.shape) != tuple(image.shape):
         raise ValueError(f"out must be {list(image.shape)}, got {list(out.shape)}")
+    if torch.compiler.is_compiling():
+        return library.warp(image, flow, out, backend)
     if out is not None and not (torch.is_grad_enabled() and (image.requires_grad or flow.requires_grad)):
         # Inference: the backend writes the destination itself (no temporary, no extra copy).
         _, into = resolve("warp_into", backend, image.device)
@@ -98,6 +105,8 @@ def upsample_flow(flow: torch.Tensor, size: Sequence[int], residual: Optional[to
         expected = [flow.shape[0], 2, int(size[0]), int(size[1])]
         if list(residual.shape) != expected:
             raise ValueError(f"residual must be {expected}, got {list(residual.shape)}")
+    if torch.compiler.is_compiling():
+        return library.upsample_flow(flow, size, residual, backend)
     _, impl = resolve("upsample_flow", backend, flow.device)
     return impl(flow, size, residual)
 
@@ -117,6 +126,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if weight.dim() != 4 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight must be [Cout, {x.shape[1]}, kh, kw] for x {list(x.shape)}, "
                          f"got {list(weight.shape)}")
+    if torch.compiler.is_compiling():
+        return library.conv2d(x, weight, bias, activation, backend)
     _, impl = resolve("conv2d", backend, x.device)
     return impl(x, weight, bias, activation)
 
@@ -124,6 +135,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 def avg_pool2x2(x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """2x2/stride-2 'valid' average pooling: ``[B, C, H, W] -> [B, C, H//2, W//2]``."""
     _check_float("x", x)
+    if torch.compiler.is_compiling():
+        return library.avg_pool2x2(x, backend)
     _, impl = resolve("avg_pool2x2", backend, x.device)
     return impl(x)
 
@@ -139,6 +152,8 @@ def upsample_conv2x2(x: torch.Tensor, size: Sequence[int], weight: torch.Tensor,
         ``[B, Cout, H, W]``, no activation.
     """
     _check_float("x", x)
+    if torch.compiler.is_compiling():
+        return library.upsample_conv2x2(x, size, weight, bias, backend)
     _, impl = resolve("upsample_conv2x2", backend, x.device)
     return impl(x, size, weight, bias)
 
@@ -163,6 +178,8 @@ def upsample_flow_warp(flow: torch.Tensor, features: torch.Tensor, out: Optional
     if out is not None and tuple(out.shape) != tuple(features.shape):
         raise ValueError(f"out must have the features' shape {list(features.shape)}, got "
                          f"{list(out.shape)}")
+    if torch.compiler.is_compiling():
+        return library.upsample_flow_warp(flow, features, out, backend)
     _, impl = resolve("upsample_flow_warp", backend, features.device)
     return impl(flow, features, out)
 
@@ -183,6 +200,8 @@ def conv2d_levels(xs, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
         _check_float(f"xs[{i}]", x)
         if x.shape[1] != weight.shape[1]:
             raise ValueError(f"xs[{i}] has {x.shape[1]} channels, weight expects {weight.shape[1]}")
+    if torch.compiler.is_compiling():
+        return library.conv2d_levels(xs, weight, bias, activation, backend)
     _, impl = resolve("conv2d_levels", backend, xs[0].device)
     return impl(xs, weight, bias, activation)
 
@@ -194,5 +213,7 @@ def conv2d_pool(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if weight.dim() != 4 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight must be [Cout, {x.shape[1]}, kh, kw] for x {list(x.shape)}, "
                          f"got {list(weight.shape)}")
+    if torch.compiler.is_compiling():
+        return library.conv2d_pool(x, weight, bias, activation, backend)
     _, impl = resolve("conv2d_pool", backend, x.device)
     return impl(x, weight, bias, activation)

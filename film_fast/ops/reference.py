@@ -24,24 +24,36 @@ LEAKY_SLOPE = 0.2
 
 
 _GRIDS: dict = {}
+_FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
+
+
+def _make_grid(height: int, width: int, dtype: torch.dtype, device: torch.device):
+    xs = (2 * torch.arange(width, dtype=torch.float64, device=device) + 1) / width - 1
+    ys = (2 * torch.arange(height, dtype=torch.float64, device=device) + 1) / height - 1
+    base = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1)
+    # 2 / (W, H) by a tensor division (== Python's 2.0 / W in float64) rather than
+    # torch.tensor([2.0 / W, ...]), which would bake the size into a traced graph.
+    f64 = dict(dtype=torch.float64, device=device)
+    sizes = torch.stack([torch.full((), width, **f64), torch.full((), height, **f64)])
+    scale = torch.full((2,), 2.0, **f64).div(sizes)
+    return base.unsqueeze(0).to(dtype), scale.to(dtype)
 
 
 def _pixel_grid(height: int, width: int, dtype: torch.dtype, device: torch.device):
     """``(base [1, H, W, 2], scale [2])``: normalised pixel centres and the pixel->grid factor.
 
     Cached per size: FILM warps the same few pyramid sizes every frame, and rebuilding
-    the grid costs ~8 small ops per warp.
+    the grid costs ~8 small ops per warp. Not while tracing (``torch.compile``, fake
+    tensors): the grid is then part of the graph and the cache holds real tensors only.
     """
+    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(_FAKE_MODE) is not None:
+        return _make_grid(height, width, dtype, device)
     key = (height, width, dtype, str(device))
     cached = _GRIDS.get(key)
     if cached is None:
         with torch.inference_mode(False), torch.no_grad():
-            xs = (2 * torch.arange(width, dtype=torch.float64) + 1) / width - 1
-            ys = (2 * torch.arange(height, dtype=torch.float64) + 1) / height - 1
-            base = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1)
-            scale = torch.tensor([2.0 / width, 2.0 / height], dtype=torch.float64)
-            cached = (base.unsqueeze(0).to(device=device, dtype=dtype),
-                      scale.to(device=device, dtype=dtype))
+            base, scale = _make_grid(height, width, torch.float64, torch.device("cpu"))
+            cached = (base.to(device=device, dtype=dtype), scale.to(device=device, dtype=dtype))
         if len(_GRIDS) > 64:
             _GRIDS.clear()
         _GRIDS[key] = cached
