@@ -372,3 +372,25 @@ def test_init_from_weights(frame_folder, tmp_path):
     bad = _tiny_config(root, init=str(tmp_path / "missing.safetensors"))
     with pytest.raises(Exception, match="missing.safetensors"):
         Trainer(bad, str(tmp_path / "d"), device="cpu", progress=False)
+
+
+def test_average_fusion_init_starts_at_frame_averaging(frame_folder, tmp_path):
+    root, _ = frame_folder
+    model_cfg = dict(TINY_MODEL, pyramid_levels=4, fusion_pyramid_levels=3)
+    trainer = Trainer(_tiny_config(root, model=model_cfg, model_init="average_fusion"),
+                      str(tmp_path / "run"), device="cpu", progress=False)
+    model = trainer.model.eval()
+    x0, x1 = torch.rand(2, 3, 40, 56), torch.rand(2, 3, 40, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x0, x1, 0.5), (x0 + x1) / 2, rtol=0, atol=1e-5)
+    default = Trainer(_tiny_config(root, model=model_cfg), str(tmp_path / "d"), device="cpu",
+                      progress=False).model.eval()
+    with torch.no_grad():
+        assert (default(x0, x1, 0.5) - (x0 + x1) / 2).abs().max() > 0.05
+    # It trains: a step changes the zero-initialised flow heads.
+    trainer.model.train()
+    trainer.train_step(0)
+    trainer.train_step(1)
+    assert trainer.model.predict_flow.shared.convs[-1].weight.abs().max() > 0
+    with pytest.raises(config_lib.ConfigError, match="model_init"):
+        _tiny_config(root, model_init="xavier")

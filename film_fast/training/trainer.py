@@ -306,6 +306,8 @@ class Trainer:
         torch.manual_seed(cfg["seed"])  # the initial weights
         self.options = config_lib.model_options(cfg)
         self.model = FILM(self.options, backend=cfg["backend"]).to(self.device)
+        from .init import apply as apply_init
+        apply_init(self.model, cfg.get("model_init", "default"))
         if cfg.get("init"):
             # Fine-tuning: start from existing weights (published, port, or our own); the
             # architecture must be the config's.
@@ -467,6 +469,8 @@ class Trainer:
 
 
 def _comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The config without the keys a resumed run may change."""
+    """The config without the keys a resumed run may change; keys added to DEFAULTS after a run
+    started count as their default (so older runs stay resumable)."""
+    cfg = dict({k: v for k, v in config_lib.DEFAULTS.items() if k not in cfg}, **cfg)
     return {k: v for k, v in cfg.items()
             if k not in ("num_steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints")}

@@ -1,0 +1,68 @@
+"""Initialisations for training FILM from scratch.
+
+``average_fusion``: the finest fusion level starts as a pass-through of the mean of
+the two warped input images, so the untrained model already outputs
+``(warp(x0) + warp(x1)) / 2`` (about frame averaging while flows are ~0) instead
+of noise. Three of the level-0 channels carry it:
+
+* fusion level 0, conv 0 (3x3): output channel k (k < 3) = 0.5 * w0[k] + 0.5 * w1[k]
+  at the centre tap, nothing else, bias 0;
+* fusion level 0, conv 1 (3x3): output channel k = input channel k (centre tap 1);
+* the 1x1 output conv: RGB channel k = input channel k, bias 0;
+* every flow predictor's last 1x1 conv (the flow head) is zero, so flows start at 0
+  and the first output is exactly frame averaging.
+
+Images are in [0, 1], so LeakyReLU passes these channels unchanged. The other
+channels keep their random initialisation and everything is trained as usual: the
+architecture is plain film_net. Why: with the default initialisation a small model
+first spends thousands of steps learning to reproduce the image at all (measured
+here: a 2.3 M-parameter model needed ~3000 steps to reach frame averaging on
+UCF101 and stayed ~6 dB below it on nearly static triplets); from this start the
+loss works on motion from step 0, and the warped images carry a direct gradient
+to the flows, like the official ``l1_warped`` loss.
+"""
+from __future__ import annotations
+
+import torch
+
+INITS = ("default", "average_fusion")
+
+
+@torch.no_grad()
+def average_fusion(model) -> None:
+    """Applies the ``average_fusion`` initialisation to ``model`` (a film_fast FILM) in place."""
+    opts = model.options
+    level = model.fuse.levels[0]
+    conv0, conv1 = level.convs[0], level.convs[1]
+    c = 3 + opts.feature_channels(0)  # w0 occupies [0, c), w1 [c, 2c) of the level-0 buffer
+    centre0 = conv0.weight.shape[-1] // 2
+    for k in range(3):
+        conv0.weight[k].zero_()
+        conv0.weight[k, k, centre0, centre0] = 0.5
+        conv0.weight[k, c + k, centre0, centre0] = 0.5
+        conv0.bias[k] = 0.0
+        centre1 = conv1.weight.shape[-1] // 2
+        conv1.weight[k].zero_()
+        conv1.weight[k, k, centre1, centre1] = 1.0
+        conv1.bias[k] = 0.0
+    # Flow heads start at zero (the last 1x1 conv of every predictor), so the first output is
+    # exactly frame averaging; their inputs are non-zero, so they get gradients from step 0.
+    predictors = list(model.predict_flow.predictors) + [model.predict_flow.shared]
+    for predictor in predictors:
+        head = predictor.convs[-1]
+        head.weight.zero_()
+        head.bias.zero_()
+    out = model.fuse.output
+    out.weight.zero_()
+    for k in range(3):
+        out.weight[k, k, 0, 0] = 1.0
+    out.bias.zero_()
+
+
+def apply(model, name: str) -> None:
+    if name == "default":
+        return
+    if name == "average_fusion":
+        average_fusion(model)
+        return
+    raise ValueError(f"unknown model_init {name!r}; choose from {list(INITS)}")
