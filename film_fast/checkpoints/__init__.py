@@ -182,13 +182,18 @@ def save_safetensors(model, path: str) -> None:
 
     Written to a temporary name and renamed, so a failed write leaves nothing behind.
     """
-    from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {SAFETENSORS_FORMAT_KEY: "pt", SAFETENSORS_OPTIONS_KEY: model.options.to_json(),
             "film_fast.source": str(getattr(model, "source", ""))}
+    write_safetensors_atomically(state, path, meta)
+
+
+def write_safetensors_atomically(tensors, path: str, metadata) -> None:
+    """``safetensors`` ``save_file`` to a temporary name, renamed into place when complete."""
+    from safetensors.torch import save_file
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        save_file(state, tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

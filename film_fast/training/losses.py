@@ -544,7 +544,21 @@ def _features_pair(vgg: VGG19Features, pred: torch.Tensor, target: torch.Tensor,
     return feats_pred, feats_target
 
 
-class PerceptualLoss(nn.Module):
+class _LayerWeightedLoss(nn.Module):
+    """A loss over VGG layers with one weight per layer (the official layers and weights by default)."""
+
+    def __init__(self, vgg: VGG19Features, weights: Optional[Sequence[float]] = None,
+                 layers: Sequence[str] = LOSS_LAYERS):
+        super().__init__()
+        self.vgg = vgg
+        self.layers = tuple(layers)
+        self.weights = tuple(float(w) for w in (weights if weights is not None else LOSS_LAYER_WEIGHTS))
+        if len(self.weights) != len(self.layers):
+            raise ValueError(f"{len(self.layers)} layers need {len(self.layers)} weights, got {len(self.weights)}")
+
+
+
+class PerceptualLoss(_LayerWeightedLoss):
     """Official ``vgg_loss``: ``sum_l w_l * mean(|phi_l(target) - phi_l(pred)|) / value_scale``.
 
     ``phi_l`` are post-ReLU VGG-19 features of :data:`LOSS_LAYERS`; ``value_scale`` is
@@ -555,15 +569,6 @@ class PerceptualLoss(nn.Module):
         weights: per-layer weights (default :data:`LOSS_LAYER_WEIGHTS`).
         layers: layer names (default :data:`LOSS_LAYERS`).
     """
-
-    def __init__(self, vgg: VGG19Features, weights: Optional[Sequence[float]] = None,
-                 layers: Sequence[str] = LOSS_LAYERS):
-        super().__init__()
-        self.vgg = vgg
-        self.layers = tuple(layers)
-        self.weights = tuple(float(w) for w in (weights if weights is not None else LOSS_LAYER_WEIGHTS))
-        if len(self.weights) != len(self.layers):
-            raise ValueError(f"{len(self.layers)} layers need {len(self.layers)} weights, got {len(self.weights)}")
 
     def from_features(self, feats_pred: Mapping[str, torch.Tensor],
                       feats_target: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -588,22 +593,13 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
         return torch.bmm(flat, flat.transpose(1, 2)) / float(h * w)
 
 
-class StyleLoss(nn.Module):
+class StyleLoss(_LayerWeightedLoss):
     """Official ``style_loss``: ``sum_l w_l * mean((G(phi_l(target)/s) - G(phi_l(pred)/s))^2)``.
 
     ``G`` is :func:`gram_matrix`, ``s`` the trunk's ``value_scale`` (255 officially,
     applied to the features *before* the Gram), the mean over ``B * C_l * C_l``.
     Same layers and default weights as :class:`PerceptualLoss`.
     """
-
-    def __init__(self, vgg: VGG19Features, weights: Optional[Sequence[float]] = None,
-                 layers: Sequence[str] = LOSS_LAYERS):
-        super().__init__()
-        self.vgg = vgg
-        self.layers = tuple(layers)
-        self.weights = tuple(float(w) for w in (weights if weights is not None else LOSS_LAYER_WEIGHTS))
-        if len(self.weights) != len(self.layers):
-            raise ValueError(f"{len(self.layers)} layers need {len(self.layers)} weights, got {len(self.weights)}")
 
     def from_features(self, feats_pred: Mapping[str, torch.Tensor],
                       feats_target: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -118,20 +118,14 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torc
 def save_checkpoint(path: str, model: FILM, optimizer, step: int, cfg: Dict[str, Any],
                     extra: Dict[str, Any]) -> None:
     """Model + optimizer tensors, ``step``/config/options in the metadata; atomic."""
-    from safetensors.torch import save_file
+    from ..checkpoints import write_safetensors_atomically
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     opt_tensors, groups = _optimizer_tensors(optimizer)
     tensors.update(opt_tensors)
     meta = {META_KEY: json.dumps({"step": step, "config": cfg, "param_groups": json.loads(groups),
                                   **extra}),
             "film_fast.options": model.options.to_json()}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_safetensors_atomically(tensors, path, meta)
 
 
 def load_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], Dict[str, Any]]:
