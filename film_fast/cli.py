@@ -514,7 +514,8 @@ def _cmd_bench_kernels(args: argparse.Namespace, device: torch.device) -> int:
     backends = ["torch", "triton", "cupy"] if args.backend == "auto" else [args.backend]
     iters = args.iters if args.iters is not None else (20 if device.type == "cuda" else 3)
     warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
-    options = Options() if args.config == "published" else Options(**SMALL_OPTIONS)
+    options = (load(None, device="cpu").options if args.config == "builtin" else
+               Options() if args.config == "published" else Options(**SMALL_OPTIONS))
     rows, ceilings = kernel_bench.run_table(resolutions, backends, [args.dtype], device,
                                             backward=args.backward, iters=iters, warmup=warmup,
                                             options=options)
@@ -539,8 +540,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.kernels:
         return _cmd_bench_kernels(args, device)
     _check_backend(args.backend, device)
-    options = Options() if args.config == "published" else Options(**SMALL_OPTIONS)
-    model = FILM(options, backend=args.backend).to(device=device, dtype=dtype).eval()
+    if args.config == "builtin":
+        model = load(None, device=device, dtype=dtype, backend=args.backend)
+        options = model.options
+    else:
+        options = Options() if args.config == "published" else Options(**SMALL_OPTIONS)
+        model = FILM(options, backend=args.backend).to(device=device, dtype=dtype).eval()
     baseline = None
     if args.backend != "torch" and not args.no_baseline:
         resolved = set(_resolved_backends(args.backend, device).values())
@@ -816,8 +821,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed runs per size (default: 10 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=_int_at_least(0), default=None,
                    help="untimed runs per size (default: 3 on GPU, 1 on CPU)")
-    p.add_argument("--config", choices=("published", "small"), default="published",
-                   help="architecture: the published film_net or a tiny test config")
+    p.add_argument("--config", choices=("published", "builtin", "small"), default="published",
+                   help="architecture: the published film_net, the built-in model (its trained "
+                        "weights and config), or a tiny test config")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     p.add_argument("--save", action="store_true",
                    help="also write benchmarks/results/bench-<device>-<dtype>-<backend>-<date>.json")
