@@ -19,9 +19,13 @@ feed levels beyond the pyramid are never run.
 
 Execution is stage-major: stage ``j`` runs on every level that needs it through
 one :func:`film_fast.ops.conv2d_levels` call per conv (the weights are shared),
-and each output is written straight into its level's buffer. A level buffer
-holds ``[image (3) | features]`` channels, which is exactly the source the fusion
-stage warps, so neither stage needs another concat.
+and the stage's last conv stores each level's output straight into its level
+buffer (``out=`` channel slices; kernel backends write them in the same single
+launch, no copies); the next stage pools those slices. A level buffer holds
+``[image (3) | features]`` channels, which is exactly the source the fusion stage
+warps, so neither stage needs another concat. :meth:`FeatureExtractor.fill` takes
+buffers whose image channels are already written (the model pools its image
+pyramid straight into them).
 
 Parameter names: ``stages.{j}.convs.{n}.{weight,bias}``.
 """
@@ -64,6 +68,15 @@ class FeatureExtractor(nn.Module):
             channels = options.filters << j
         self.stages = nn.ModuleList(stages)
 
+    def new_buffers(self, batch: int, height: int, width: int, *, dtype: torch.dtype,
+                    device: torch.device, levels: Optional[int] = None) -> List[torch.Tensor]:
+        """Uninitialised level buffers ``[batch, 3 + C_i, height >> i, width >> i]``
+        (channels_last)."""
+        opts = self.options
+        levels = opts.pyramid_levels if levels is None else levels
+        return [new_buffer(batch, 3 + opts.feature_channels(i), height >> i, width >> i, align=1,
+                           dtype=dtype, device=device) for i in range(levels)]
+
     def level_buffers(self, image_pyramid: List[torch.Tensor]) -> List[torch.Tensor]:
         """Image pyramid ``[N, 3, H>>i, W>>i]`` -> per level ``[N, 3 + C_i, H>>i, W>>i]``.
 
@@ -71,7 +84,6 @@ class FeatureExtractor(nn.Module):
         ``options.feature_channels(i)``).
         """
         opts = self.options
-        levels = len(image_pyramid)
         buffers = []
         for i, image in enumerate(image_pyramid):
             n, _, h, w = image.shape
@@ -79,19 +91,33 @@ class FeatureExtractor(nn.Module):
                              device=image.device)
             buf[:, :3].copy_(image)
             buffers.append(buf)
+        return self.fill(buffers, image_pyramid)
+
+    def fill(self, buffers: List[torch.Tensor], images: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Writes the cascaded features into ``buffers[i][:, 3:]``; returns ``buffers``.
+
+        ``images[i]`` is the level-``i`` image (equal to ``buffers[i][:, :3]``, which must
+        already hold it; it may be that very slice).
+        """
+        opts = self.options
+        levels = len(images)
         offsets = [3] * levels  # next free channel of each level buffer
-        inputs = list(image_pyramid)  # stage-j input of the sub-tree started at level i
+        inputs = list(images)  # stage-j input of the sub-tree started at level i
         for j in range(min(opts.sub_levels, levels)):
-            active = list(range(levels - j))  # sub-trees i with i + j < levels
+            active = range(levels - j)  # sub-trees i with i + j < levels
             stage = self.stages[j]
             x = [inputs[i] for i in active]
-            for conv in stage.convs:
+            for conv in stage.convs[:-1]:
                 x = ops.conv2d_levels(x, conv.weight, conv.bias, conv.activation,
                                       backend=self.backend)
-            for i, out in zip(active, x):
-                k = i + j  # the feature level this output belongs to
-                buffers[k][:, offsets[k]:offsets[k] + out.shape[1]].copy_(out)
-                offsets[k] += out.shape[1]
+            last = stage.convs[-1]
+            width = last.out_channels
+            # the output of sub-tree i belongs to feature level k = i + j: stored in place
+            dests = [buffers[i + j][:, offsets[i + j]:offsets[i + j] + width] for i in active]
+            x = ops.conv2d_levels(x, last.weight, last.bias, last.activation, out=dests,
+                                  backend=self.backend)
+            for i in active:
+                offsets[i + j] += width
             if j + 1 < opts.sub_levels:
                 inputs = [ops.avg_pool2x2(out, backend=self.backend) for out in x[:levels - j - 1]]
         return buffers

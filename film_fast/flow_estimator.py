@@ -53,9 +53,10 @@ class FlowPredictor(nn.Module):
         for conv in self.convs[:-1]:
             x = conv(x)
         head = self.convs[-1]
-        # fp32 head: a no-op for fp32 models; 2 output channels, so the cast is cheap.
-        return ops.conv2d(x.float(), head.weight.float(), head.bias.float(), None,
-                          backend=head.backend)
+        # fp32 head: a no-op for fp32 models; 2 output channels, so the cast is cheap (and the
+        # fp32 copies of the head's parameters are cached for inference).
+        weight, bias = head.params_as(torch.float32)
+        return ops.conv2d(x.float(), weight, bias, None, backend=head.backend)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.predict(torch.cat([a, b], dim=1))
@@ -111,11 +112,38 @@ class PyramidFlowEstimator(nn.Module):
         Returns residual pyramids in rows ``[x1 -> x0 ; x0 -> x1]``: row ``r`` uses
         ``b = features[r]`` and ``a`` = the other frame of its pair, so the warped
         half of each predictor buffer is written by the fused op directly, and only
-        the ``a`` half is copied with its rows swapped.
+        the ``a`` half is copied with its rows swapped (one gather per level).
         """
         def write_swapped(i: int, out: torch.Tensor) -> None:
             f = features[i]
-            out[:batch].copy_(f[batch:])
-            out[batch:].copy_(f[:batch])
+            index = swap_halves_index(f.shape[0], f.device)  # (its own inverse)
+            # out[r] = f[(r + B) % 2B]: the row swap as one gather (one launch). index_select
+            # with out= (no autograd; Dynamo refuses a strided out=) is also the faster one on
+            # CPU (5.4 vs 7.1 ms for two copies, 10.1 ms for index_copy_: level 0, 256x256).
+            if torch.is_grad_enabled() or torch.compiler.is_compiling():
+                out.index_copy_(0, index, f)
+            else:
+                torch.index_select(f, 0, index, out=out)
 
         return self._estimate(write_swapped, features)
+
+
+_SWAP_INDICES: dict = {}
+
+
+def swap_halves_index(rows: int, device: torch.device) -> torch.Tensor:
+    """int64 ``[(r + rows // 2) % rows for r in range(rows)]`` (its own inverse), cached per
+    (rows, device) outside autograd and inference mode so that any later call may use it; built
+    in the graph while tracing (``torch.compile``)."""
+    half = rows // 2
+    if torch.compiler.is_compiling():
+        return torch.remainder(torch.arange(rows, device=device) + half, rows)
+    key = (rows, str(device))
+    index = _SWAP_INDICES.get(key)
+    if index is None:
+        with torch.inference_mode(False), torch.no_grad():
+            index = torch.remainder(torch.arange(rows) + half, rows).to(device)
+        if len(_SWAP_INDICES) > 64:
+            _SWAP_INDICES.clear()
+        _SWAP_INDICES[key] = index
+    return index

@@ -13,8 +13,8 @@ with width ``filters << min(i, specialized_levels)``; finally a 1x1 conv to RGB
 
 Execution: each level is one channels_last buffer ``[level_i | net | zero pad]``
 (see :mod:`film_fast.buffers`); the up step (:func:`film_fast.ops.upsample_conv2x2`,
-which never materialises the upsampled tensor in kernel backends) writes its
-``net`` channels in place, so the decoder needs no concat at all.
+which never materialises the upsampled tensor in kernel backends) stores its
+``net`` channels in place (``out=``), so the decoder needs no concat at all.
 
 Parameter names: ``levels.{i}.up`` (2x2), ``levels.{i}.convs.{0,1}`` (3x3),
 ``output`` (1x1); ``i`` = pyramid level, finest first.
@@ -71,9 +71,8 @@ class Fusion(nn.Module):
             buf = buffers[i]
             k = opts.fusion_input_channels(i)
             width = opts.fusion_filters(i)
-            up = ops.upsample_conv2x2(net, buf.shape[-2:], level.up.weight_for(net.shape[1]),
-                                      level.up.bias, backend=self.backend)
-            buf[:, k:k + width].copy_(up)
+            ops.upsample_conv2x2(net, buf.shape[-2:], level.up.weight_for(net.shape[1]),
+                                 level.up.bias, out=buf[:, k:k + width], backend=self.backend)
             net = buf
             for conv in level.convs:
                 net = conv(net)

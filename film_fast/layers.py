@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,8 @@ class Conv(nn.Module):
         self.backend: Optional[str] = None
         self._padded_key: Optional[tuple] = None
         self._padded: Optional[torch.Tensor] = None
+        self._cast_key: Optional[tuple] = None
+        self._cast: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels))
         self.reset_parameters()
@@ -57,9 +59,31 @@ class Conv(nn.Module):
             return F.pad(w, (0, 0, 0, 0, 0, extra))
         key = (channels, w.dtype, w.device, w.data_ptr(), w._version)
         if self._padded_key != key:
-            self._padded = F.pad(w.detach(), (0, 0, 0, 0, 0, extra))
+            # (a normal tensor even when built in inference mode: it has a version counter, so
+            # kernel backends may cache what they derive from it, e.g. Triton's packed weights)
+            with torch.inference_mode(False), torch.no_grad():
+                self._padded = F.pad(w.detach(), (0, 0, 0, 0, 0, extra))
             self._padded_key = key
         return self._padded
+
+    def params_as(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(weight, bias)`` in ``dtype`` (the flow heads run in fp32 in every model dtype).
+
+        For inference the converted copies are cached and rebuilt when a parameter changes,
+        instead of two conversions per call.
+        """
+        w, b = self.weight, self.bias
+        if w.dtype == dtype and b.dtype == dtype:
+            return w, b
+        if ((torch.is_grad_enabled() and (w.requires_grad or b.requires_grad))
+                or torch.compiler.is_compiling()):
+            return w.to(dtype), b.to(dtype)
+        key = (dtype, w.device, w.data_ptr(), w._version, b.data_ptr(), b._version)
+        if self._cast_key != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._cast = (w.detach().to(dtype), b.detach().to(dtype))
+            self._cast_key = key
+        return self._cast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, Cin (+zero padding channels), H, W] -> [B, Cout, H, W]``."""

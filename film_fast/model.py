@@ -39,7 +39,8 @@ from .flow_estimator import PyramidFlowEstimator
 from .fusion import Fusion
 from .options import Options
 from .buffers import channel_align, new_buffer
-from .pyramid import build_image_pyramid, crop_padding, pad_to_multiple, synthesize_flow_pyramid
+from .pyramid import (build_image_pyramid, crop_padding, pad_to_multiple, padding_for,
+                      synthesize_flow_pyramid)
 
 TimeLike = Union[torch.Tensor, float, int]
 
@@ -127,6 +128,17 @@ class FILM(nn.Module):
         return dt.to(device=self.device, dtype=torch.float32)
 
     # ---- graph ----------------------------------------------------------------------------
+    def _dense_on_cpu(self, device: torch.device) -> bool:
+        """True when the ops run on the CPU through the torch backend. There a launch costs
+        next to nothing while strided reads and writes of channel slices stream slower than
+        dense tensors (oneDNN reorders a strided conv input; a 5-D strided product into a
+        buffer slice runs 3-8x slower than a dense one plus copies), so the graph keeps its
+        dense intermediates and copies them into the buffers. Everywhere else (GPUs, and
+        the Triton interpreter that stands in for them in tests) the buffers are written
+        in place, with as few launches as possible."""
+        return device.type == "cpu" and ops.library.backend_for("warp", self.backend,
+                                                                device) == "torch"
+
     def encode(self, frames: torch.Tensor) -> FrameFeatures:
         """Pads ``frames [N, 3, H, W]`` and computes their image + feature pyramids.
 
@@ -137,16 +149,52 @@ class FILM(nn.Module):
         if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[1] != 3:
             shape = list(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
             raise ValueError(f"frames must be [N, 3, H, W], got {shape}")
+        return self._encode([frames])
+
+    def _encode(self, parts: List[torch.Tensor]) -> FrameFeatures:
+        """:meth:`encode` of the frames ``torch.cat(parts)`` (same H and W), without the concat.
+
+        The level buffers are allocated first and, without autograd, every image goes
+        straight into its image channels: the frames are converted (device, dtype), padded
+        and concatenated by their copies into ``buffers[0][:, :3]``, and each pooled pyramid
+        level is stored into ``buffers[i][:, :3]`` by the pooling itself (``out=``).
+        """
         opts = self.options
-        x = frames.to(device=self.device, dtype=self.dtype)
-        height, width = x.shape[-2:]
-        x, pads = pad_to_multiple(x, opts.size_multiple)
-        # NHWC throughout: on CPU oneDNN's NHWC 3x3 conv runs ~1.4x faster than NCHW (181 vs 126
-        # GFLOP/s) and its accumulation order is TF's (realflow fixture: 1.6e-5 vs 3.5e-5 max
-        # flow error against the official model); on GPUs it is the tensor-core layout.
-        x = x.contiguous(memory_format=self.memory_format)
-        image_pyramid = build_image_pyramid(x, opts.pyramid_levels, self.backend)
-        return FrameFeatures(self.extract.level_buffers(image_pyramid), pads, (height, width))
+        dtype, device = self.dtype, self.device
+        height, width = parts[0].shape[-2:]
+        pads = padding_for(height, width, opts.size_multiple)
+        left, right, top, bottom = pads
+        n = sum(p.shape[0] for p in parts)
+        # NHWC throughout (new_buffer): on CPU oneDNN's NHWC 3x3 conv runs ~1.4x faster than
+        # NCHW (181 vs 126 GFLOP/s) and its accumulation order is TF's (realflow fixture: 1.6e-5
+        # vs 3.5e-5 max flow error against the official model); on GPUs it is the tensor-core
+        # layout.
+        buffers = self.extract.new_buffers(n, height + top + bottom, width + left + right,
+                                           dtype=dtype, device=device)
+        if torch.is_grad_enabled() or self._dense_on_cpu(device):
+            # With autograd the first convs save their input (the images) for backward, and a
+            # saved view of a level buffer would fail autograd's version check once features
+            # are written into the buffer's other channels: the images stay tensors of their
+            # own here, copied into the buffers (also on CPU: see _dense_on_cpu).
+            x = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+            x, _ = pad_to_multiple(x.to(device=device, dtype=dtype), opts.size_multiple)
+            x = x.contiguous(memory_format=self.memory_format)
+            images = build_image_pyramid(x, opts.pyramid_levels, self.backend)
+            for buf, im in zip(buffers, images):
+                buf[:, :3].copy_(im)
+        else:
+            image = buffers[0][:, :3]
+            inner = image
+            if any(pads):  # zero padding, centred (as pad_to_multiple)
+                image.zero_()
+                inner = image[..., top:top + height, left:left + width]
+            row = 0
+            for part in parts:  # one copy per part: conversion, padding and concat in one pass
+                inner[row:row + part.shape[0]].copy_(part)
+                row += part.shape[0]
+            images = build_image_pyramid(image, opts.pyramid_levels, self.backend,
+                                         out=[buf[:, :3] for buf in buffers[1:]])
+        return FrameFeatures(self.extract.fill(buffers, images), pads, (height, width))
 
     def interpolate_encoded(self, f0: FrameFeatures, f1: FrameFeatures,
                             batch_dt: TimeLike = 0.5) -> torch.Tensor:
@@ -162,7 +210,7 @@ class FILM(nn.Module):
              debug: bool) -> Dict[str, object]:
         batch = x0.shape[0]
         # Both frames through the extractor as one batch: [2B, 3 + C_i] level buffers.
-        enc = self.encode(torch.cat([x0, x1], dim=0))
+        enc = self._encode([x0, x1])
         return self._decode(enc.levels, enc.pads, batch, dt, debug)
 
     def _decode(self, levels: List[torch.Tensor], pads, batch: int, dt: torch.Tensor,
@@ -181,7 +229,15 @@ class FILM(nn.Module):
         # frame 0 is warped by the backward flow (it reads x0 at the in-between time), frame 1 by
         # the forward flow; every piece is written in place.
         align = channel_align(x.device, dtype)
-        scale = torch.cat([dt, 1.0 - dt]).view(2 * batch, 1, 1, 1)
+        scale = torch.cat([dt, 1.0 - dt])
+        # [B, 2 (backward; forward), 1, 1, 1]: per-row scale of the [B, 2, 2, H, W] flow view
+        scale_pairs = scale.view(2, batch, 1, 1, 1).transpose(0, 1)
+        # fp32 models (and no autograd, where out= is not differentiable) compute the scaled
+        # flows straight into the buffer, and the warps read them there: one launch per level.
+        # (Dynamo refuses a strided out=; compiled graphs fuse the product and copy anyway.)
+        dense = self._dense_on_cpu(x.device)
+        in_place = (dtype == torch.float32 and not torch.is_grad_enabled()
+                    and not torch.compiler.is_compiling() and not dense)
         fusion_levels = opts.fusion_pyramid_levels
         buffers = []
         for i in range(fusion_levels):
@@ -191,11 +247,22 @@ class FILM(nn.Module):
             extra = 0 if i == fusion_levels - 1 else opts.fusion_filters(i)
             buf = new_buffer(batch, 2 * c + 4 + extra, h, w, align=align, dtype=dtype,
                              device=x.device)
-            flow_t = flows[i] * scale  # fp32 [2B, 2, H, W]: [t * backward; (1 - t) * forward]
-            ops.warp(src[:batch], flow_t[:batch], out=buf[:, :c], backend=self.backend)
-            ops.warp(src[batch:], flow_t[batch:], out=buf[:, c:2 * c], backend=self.backend)
-            buf[:, 2 * c:2 * c + 2].copy_(flow_t[:batch])
-            buf[:, 2 * c + 2:2 * c + 4].copy_(flow_t[batch:])
+            # [t * backward_flow | (1 - t) * forward_flow] as [B, 2 (which), 2 (dx, dy), H, W]
+            flow_pairs = buf[:, 2 * c:2 * c + 4].unflatten(1, (2, 2))
+            flow_rows = flows[i].unflatten(0, (2, batch)).transpose(0, 1)  # [B, 2, 2, H, W] view
+            if in_place:
+                torch.mul(flow_rows, scale_pairs, out=flow_pairs)
+                backward_flow, forward_flow = buf[:, 2 * c:2 * c + 2], buf[:, 2 * c + 2:2 * c + 4]
+            else:  # the warps sample with the fp32 flows, the buffer holds them in the model dtype
+                flow_t = flows[i] * scale.view(2 * batch, 1, 1, 1)  # [2B, 2, H, W] fp32
+                backward_flow, forward_flow = flow_t[:batch], flow_t[batch:]
+                if dense:  # two plain copies stream fastest on CPU
+                    buf[:, 2 * c:2 * c + 2].copy_(backward_flow)
+                    buf[:, 2 * c + 2:2 * c + 4].copy_(forward_flow)
+                else:
+                    flow_pairs.copy_(flow_t.unflatten(0, (2, batch)).transpose(0, 1))
+            ops.warp(src[:batch], backward_flow, out=buf[:, :c], backend=self.backend)
+            ops.warp(src[batch:], forward_flow, out=buf[:, c:2 * c], backend=self.backend)
             buffers.append(buf)
         image = crop_padding(self.fuse.decode(buffers), pads)
         if not debug:

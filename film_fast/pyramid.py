@@ -12,12 +12,17 @@ import torch.nn.functional as F
 from . import ops
 
 
-def build_image_pyramid(image: torch.Tensor, levels: int,
-                        backend: Optional[str] = None) -> List[torch.Tensor]:
-    """``[image, pool(image), pool(pool(image)), ...]`` with ``levels`` entries (2x2 average pooling)."""
+def build_image_pyramid(image: torch.Tensor, levels: int, backend: Optional[str] = None,
+                        out: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+    """``[image, pool(image), pool(pool(image)), ...]`` with ``levels`` entries (2x2 average pooling).
+
+    ``out``: optional ``levels - 1`` destinations for the pooled levels (e.g. the image
+    channels of each level buffer), written by the pooling itself; the returned levels are
+    then tensors equal to them (see :func:`film_fast.ops.avg_pool2x2`).
+    """
     pyramid = [image]
-    for _ in range(levels - 1):
-        image = ops.avg_pool2x2(image, backend=backend)
+    for i in range(levels - 1):
+        image = ops.avg_pool2x2(image, out=None if out is None else out[i], backend=backend)
         pyramid.append(image)
     return pyramid
 

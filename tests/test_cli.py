@@ -337,10 +337,11 @@ def test_conv_flops_counts_every_conv(monkeypatch):
 
     monkeypatch.setattr(ops, "conv2d", lambda x, w, b=None, a=None, *, backend=None:
                         count(conv2d(x, w, b, a, backend=backend), w))
-    monkeypatch.setattr(ops, "upsample_conv2x2", lambda x, s, w, b=None, *, backend=None:
-                        count(upsample_conv2x2(x, s, w, b, backend=backend), w))
-    monkeypatch.setattr(ops, "conv2d_levels", lambda xs, w, b=None, a=None, *, backend=None:
-                        [count(y, w) for y in conv2d_levels(xs, w, b, a, backend=backend)])
+    monkeypatch.setattr(ops, "upsample_conv2x2", lambda x, s, w, b=None, *, out=None, backend=None:
+                        count(upsample_conv2x2(x, s, w, b, out=out, backend=backend), w))
+    monkeypatch.setattr(ops, "conv2d_levels", lambda xs, w, b=None, a=None, *, out=None,
+                        backend=None: [count(y, w) for y in conv2d_levels(xs, w, b, a, out=out,
+                                                                          backend=backend)])
     options = small_options()
     model = film_fast.FILM(options, backend="torch").eval()
     with torch.inference_mode():

@@ -85,6 +85,16 @@ CASES = [
     ("conv2d_pool", "conv2d_pool",
      lambda be: (_cl(2, 5, 6, 8), torch.randn(4, 5, 3, 3, requires_grad=True),
                  torch.randn(4, requires_grad=True), "leaky_relu", be)),
+    ("conv2d_levels_into-out_slices", "conv2d_levels_into",
+     lambda be: ([_cl(2, 5, 8, 8, grad=False), _slice(2, 9, 4, 4, 2, 7, grad=False)],
+                 torch.randn(4, 5, 3, 3), torch.randn(4), "leaky_relu",
+                 [_slice(2, 11, 8, 8, 3, 7, grad=False), _slice(2, 6, 4, 4, 1, 5, grad=False)],
+                 be)),
+    ("avg_pool2x2_into-out_slice", "avg_pool2x2_into",
+     lambda be: (_slice(2, 8, 7, 9, 1, 5, grad=False), _slice(2, 7, 3, 4, 0, 4, grad=False), be)),
+    ("upsample_conv2x2_into-out_slice", "upsample_conv2x2_into",
+     lambda be: (_cl(2, 5, 3, 4, grad=False), [6, 8], torch.randn(4, 5, 2, 2), torch.randn(4),
+                 _slice(2, 9, 6, 8, 2, 6, grad=False), be)),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -195,6 +205,31 @@ def test_out_slices_are_written_in_place_under_compile():
     assert got[0][:, 6].abs().max() == 0 and got[0][:, 0].abs().max() == 0
 
 
+def test_new_out_slices_are_written_in_place_under_compile():
+    """conv2d_levels_into / avg_pool2x2_into / upsample_conv2x2_into write only their slices."""
+    w3, b3 = torch.randn(3, 5, 3, 3), torch.randn(3)
+    w2, b2 = torch.randn(2, 5, 2, 2), torch.randn(2)
+
+    def step(x, coarse):
+        big = torch.zeros(2, 12, 8, 8).contiguous(memory_format=CL)
+        small = torch.zeros(2, 12, 4, 4).contiguous(memory_format=CL)
+        ys = ops.conv2d_levels([x, coarse], w3, b3, "leaky_relu",
+                               out=[big[:, 1:4], small[:, 1:4]], backend="torch")
+        ops.avg_pool2x2(x, out=small[:, 5:10], backend="torch")
+        ops.upsample_conv2x2(coarse, (8, 8), w2, b2, out=big[:, 9:11], backend="torch")
+        return big, small, ys[0] * 1
+
+    args = (_slice(2, 9, 8, 8, 2, 7, grad=False), _cl(2, 5, 4, 4, grad=False))
+    with torch.no_grad():
+        want = step(*args)
+        got = torch.compile(step, backend="aot_eager", fullgraph=True)(*args)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    big, small, _ = got
+    for t, written in ((big, [1, 2, 3, 9, 10]), (small, [1, 2, 3, 5, 6, 7, 8, 9])):
+        for ch in range(12):
+            assert (t[:, ch].abs().max() > 0) == (ch in written), ch
+
+
 # ---- the whole model ---------------------------------------------------------------------------
 def _frames(b=1, h=64, w=64):
     g = torch.Generator().manual_seed(0)
@@ -214,8 +249,10 @@ def test_explain_reports_no_graph_breaks(small_model):
     assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
     assert explanation.graph_count == 1
     used = _film_ops_in(explanation.graphs[0])
-    for name in ("conv2d_levels", "avg_pool2x2", "upsample_flow", "upsample_flow_warp_into",
-                 "warp_into", "upsample_conv2x2", "conv2d"):
+    # (the image pyramid's avg_pool2x2_into is a GPU-path op: on CPU the torch backend pools
+    # dense images, see FILM._dense_on_cpu)
+    for name in ("conv2d_levels", "conv2d_levels_into", "avg_pool2x2", "upsample_flow",
+                 "upsample_flow_warp_into", "warp_into", "upsample_conv2x2_into", "conv2d"):
         assert f"film_fast.{name}" in used, used
 
 

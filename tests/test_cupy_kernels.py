@@ -931,6 +931,80 @@ def test_avg_pool2x2(ex, spec, dtype):
 
 
 # =============================================================================================
+# out= variants (film_fast.ops ... out=): stored into buffer slices by the same kernels
+# =============================================================================================
+def _nan_slice(b, c, h, w, lo, hi, device, dtype):
+    buf = torch.full((b, c, h, w), NAN, device=device, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    return buf, buf[:, lo:hi]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("act,with_bias,k",
+                         [("leaky_relu", True, 3), (None, False, 1), (None, True, 2)])
+def test_conv2d_levels_into(ex, dtype, act, with_bias, k):
+    cin, cout = 6, 5
+    sizes = [(2, 9, 11), (2, 4, 5), (2, 1, 2)]
+    xs = [rand((b, cin, h, w), 160 + i, ex.device, dtype, normal=True).contiguous(
+        memory_format=torch.channels_last) for i, (b, h, w) in enumerate(sizes)]
+    weight = rand((cout, cin, k, k), 170, ex.device, dtype, scale=(cin * k * k) ** -0.5,
+                  normal=True)
+    bias = rand((cout,), 171, ex.device, dtype, normal=True) if with_bias else None
+    bufs, outs = zip(*[_nan_slice(b, cout + 4, h, w, 3, 3 + cout, ex.device, dtype)
+                       for b, h, w in sizes])
+    with torch.no_grad():
+        want = K.conv2d_levels(xs, weight, bias, act)
+        got = K.conv2d_levels_into(xs, weight, bias, act, list(outs))
+    for buf, out, r, y in zip(bufs, outs, got, want):
+        assert r.data_ptr() == out.data_ptr()
+        assert torch.equal(out, y), max_err(out, y)  # the same epilogue, through other strides
+        assert torch.isnan(buf[:, :3]).all() and torch.isnan(buf[:, 3 + cout:]).all()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_avg_pool2x2_and_upsample_conv2x2_into(ex, dtype):
+    x = rand((2, 6, 9, 11), 180, ex.device, dtype, normal=True).contiguous(
+        memory_format=torch.channels_last)
+    weight = rand((5, 6, 2, 2), 181, ex.device, dtype, scale=0.2, normal=True)
+    bias = rand((5,), 182, ex.device, dtype, normal=True)
+    pool_buf, pool_out = _nan_slice(2, 9, 4, 5, 1, 7, ex.device, dtype)
+    up_buf, up_out = _nan_slice(2, 8, 18, 22, 2, 7, ex.device, dtype)
+    with torch.no_grad():
+        assert K.avg_pool2x2_into(x, pool_out).data_ptr() == pool_out.data_ptr()
+        assert K.upsample_conv2x2_into(x, (18, 22), weight, bias, up_out).data_ptr() == \
+            up_out.data_ptr()
+        assert torch.equal(pool_out, K.avg_pool2x2(x))
+        assert torch.equal(up_out, K.upsample_conv2x2(x, (18, 22), weight, bias))
+    assert torch.isnan(pool_buf[:, :1]).all() and torch.isnan(pool_buf[:, 7:]).all()
+    assert torch.isnan(up_buf[:, :2]).all() and torch.isnan(up_buf[:, 7:]).all()
+
+
+def test_into_variants_under_autograd_compute_and_copy(ex):
+    """With gradients recorded the *_into ops fall back to the autograd ops plus a copy: the
+    gradients through the buffer are those of the plain ops."""
+    x = leaf(rand((2, 4, 6, 8), 190, ex.device, normal=True))
+    weight = leaf(rand((3, 4, 3, 3), 191, ex.device, scale=0.3, normal=True))
+    buf = torch.zeros((2, 10, 6, 8), device=ex.device).contiguous(memory_format=torch.channels_last)
+    small = torch.zeros((2, 4, 3, 4), device=ex.device).contiguous(
+        memory_format=torch.channels_last)
+    ys = K.conv2d_levels_into([x], weight, None, "leaky_relu", [buf[:, 2:5]])
+    K.upsample_conv2x2_into(x[:, :, :3, :4], (6, 8), weight[:, :, :2, :2], None, buf[:, 6:9])
+    K.avg_pool2x2_into(x, small)
+    g = rand((2, 10, 6, 8), 192, ex.device, normal=True)
+    gs = rand((2, 4, 3, 4), 193, ex.device, normal=True)
+    got = torch.autograd.grad([buf, small], [x, weight], [g, gs])
+    x2, w2 = leaf(x), leaf(weight)
+    want = torch.autograd.grad(
+        [K.conv2d(x2, w2, None, "leaky_relu"),
+         K.upsample_conv2x2(x2[:, :, :3, :4], (6, 8), w2[:, :, :2, :2], None), K.avg_pool2x2(x2)],
+        [x2, w2], [g[:, 2:5], g[:, 6:9], gs])
+    # computed, then copied
+    assert ys[0].untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
+    for a, b in zip(got, want):
+        assert max_err(a, b) <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+# =============================================================================================
 # Every output element written; compile cache; streams; dispatch; fallbacks
 # =============================================================================================
 def all_ops_forward_backward(device, dtype):

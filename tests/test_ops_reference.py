@@ -284,3 +284,105 @@ def test_warp_into_a_nan_poisoned_buffer_slice(backend, dtype):
     assert got.data_ptr() == buf[:, 4:9].data_ptr()
     torch.testing.assert_close(buf[:, 4:9], expected, rtol=0, atol=0)
     assert torch.isnan(buf[:, :4]).all() and torch.isnan(buf[:, 9:]).all()
+
+
+def _nan_buffer(b, c, h, w, dtype=torch.float32):
+    return torch.full((b, c, h, w), float("nan"), dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_variants_write_only_their_buffer_slice(backend, dtype):
+    """conv2d_levels / avg_pool2x2 / upsample_conv2x2 with out= (no autograd): exactly the
+    functional results, in the given channel slices and nowhere else."""
+    if ops.available_backends("cpu")[backend]:
+        pytest.skip(ops.available_backends("cpu")[backend])
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 5, 9, 13, generator=g).to(dtype).contiguous(memory_format=torch.channels_last),
+          _nan_buffer(2, 8, 4, 6, dtype)[:, 2:7]]
+    xs[1].copy_(torch.randn(2, 5, 4, 6, generator=g))
+    w = (torch.randn(3, 5, 3, 3, generator=g) * 0.2).to(dtype)
+    b = torch.randn(3, generator=g).to(dtype)
+    w2 = (torch.randn(4, 5, 2, 2, generator=g) * 0.2).to(dtype)
+    bufs = [_nan_buffer(2, 9, 9, 13, dtype), _nan_buffer(2, 9, 4, 6, dtype)]
+    with torch.no_grad():
+        want = ops.conv2d_levels(xs, w, b, "leaky_relu", backend=backend)
+        got = ops.conv2d_levels(xs, w, b, "leaky_relu", out=[buf[:, 4:7] for buf in bufs],
+                                backend=backend)
+        for buf, y, r in zip(bufs, want, got):
+            assert torch.equal(buf[:, 4:7], y) and torch.equal(r, y)
+            assert torch.isnan(buf[:, :4]).all() and torch.isnan(buf[:, 7:]).all()
+        pool_buf = _nan_buffer(2, 7, 4, 6, dtype)
+        r = ops.avg_pool2x2(xs[0], out=pool_buf[:, 1:6], backend=backend)
+        want = ops.avg_pool2x2(xs[0], backend=backend)
+        assert torch.equal(pool_buf[:, 1:6], want) and torch.equal(r, want)
+        assert torch.isnan(pool_buf[:, :1]).all() and torch.isnan(pool_buf[:, 6:]).all()
+        up_buf = _nan_buffer(2, 10, 9, 13, dtype)
+        r = ops.upsample_conv2x2(xs[1], (9, 13), w2, b[:1].expand(4).contiguous(),
+                                 out=up_buf[:, 3:7], backend=backend)
+        want = ops.upsample_conv2x2(xs[1], (9, 13), w2, b[:1].expand(4).contiguous(),
+                                    backend=backend)
+        assert torch.equal(up_buf[:, 3:7], want) and torch.equal(r, want)
+        assert torch.isnan(up_buf[:, :3]).all() and torch.isnan(up_buf[:, 7:]).all()
+    if backend == "triton":  # kernel backends store in place: the out views come back
+        assert got[0].data_ptr() == bufs[0][:, 4:7].data_ptr()
+
+
+def test_out_variants_check_their_destination():
+    x = torch.rand(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="out must be"):
+        ops.avg_pool2x2(x, out=torch.empty(1, 4, 8, 8), backend="torch")
+    with pytest.raises(TypeError, match="out must be a floating tensor"):
+        ops.avg_pool2x2(x, out=torch.empty(1, 4, 4, 4, dtype=torch.int32), backend="torch")
+    with pytest.raises(ValueError, match="one tensor per level"):
+        ops.conv2d_levels([x], torch.rand(2, 4, 3, 3), out=[], backend="torch")
+    with pytest.raises(ValueError, match=r"out\[0\] must be"):
+        ops.conv2d_levels([x], torch.rand(2, 4, 3, 3), out=[torch.empty(1, 3, 8, 8)],
+                          backend="torch")
+    with pytest.raises(ValueError, match="out must be"):
+        ops.upsample_conv2x2(x, (16, 16), torch.rand(2, 4, 2, 2), out=torch.empty(1, 2, 8, 8),
+                             backend="torch")
+
+
+def test_out_variants_keep_autograd_through_the_buffer():
+    """torch backend with gradients: out= slices (computed, then copied) carry the gradient to
+    the inputs, and the buffer's other channels keep theirs."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 8, 10, generator=g, requires_grad=True)
+    w = torch.randn(3, 5, 3, 3, generator=g, requires_grad=True)
+    other = torch.randn(2, 2, 8, 10, generator=g, requires_grad=True)
+    buf = torch.zeros(2, 5, 8, 10).contiguous(memory_format=torch.channels_last)
+    buf[:, :2].copy_(other)
+    ops.conv2d_levels([x], w, None, "leaky_relu", out=[buf[:, 2:5]], backend="torch")
+    gout = torch.randn(2, 5, 8, 10, generator=g)
+    got = torch.autograd.grad(buf, (x, w, other), gout)
+    y = ops.conv2d(x, w, None, "leaky_relu", backend="torch")
+    want = torch.autograd.grad(y, (x, w), gout[:, 2:5])
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    assert torch.equal(got[2], gout[:, :2])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_out_of_another_dtype_gets_the_converted_result(backend):
+    """e.g. bf16 autocast conv results stored into a model's fp32 buffers."""
+    if ops.available_backends("cpu")[backend]:
+        pytest.skip(ops.available_backends("cpu")[backend])
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 6, 8, generator=g).to(torch.bfloat16)
+    w = (torch.randn(3, 4, 3, 3, generator=g) * 0.3).to(torch.bfloat16)
+    w2 = (torch.randn(3, 4, 2, 2, generator=g) * 0.3).to(torch.bfloat16)
+    buf = _nan_buffer(2, 8, 6, 8)  # fp32
+    small = _nan_buffer(2, 8, 3, 4)
+    big = _nan_buffer(2, 8, 12, 16)
+    with torch.no_grad():
+        ops.conv2d_levels([x], w, None, "leaky_relu", out=[buf[:, 1:4]], backend=backend)
+        ops.avg_pool2x2(x, out=small[:, 2:6], backend=backend)
+        ops.upsample_conv2x2(x, (12, 16), w2, None, out=big[:, 0:3], backend=backend)
+        assert torch.equal(buf[:, 1:4], ops.conv2d_levels([x], w, None, "leaky_relu",
+                                                         backend=backend)[0].float())
+        assert torch.equal(small[:, 2:6], ops.avg_pool2x2(x, backend=backend).float())
+        assert torch.equal(big[:, :3], ops.upsample_conv2x2(x, (12, 16), w2, None,
+                                                            backend=backend).float())
+    assert torch.isnan(buf[:, 4:]).all() and torch.isnan(small[:, 6:]).all()

@@ -97,6 +97,15 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
             sum(t.sum() for t in ys).backward()
             if k == 2:
                 ops.upsample_conv2x2(x, (64, 96), w, b, backend="triton").sum().backward()
+            # out=: stores into channel slices of FILM-like buffers (unaligned outputs)
+            with torch.no_grad():
+                big = torch.zeros(2, cout + 3, 32, 48, dtype=dt).contiguous(memory_format=nhwc)
+                small = torch.zeros(2, cout + 3, 16, 24, dtype=dt).contiguous(memory_format=nhwc)
+                ops.conv2d_levels([x, x[:, :, :16, :24]], w, b, "leaky_relu",
+                                  out=[big[:, 3:], small[:, 3:]], backend="triton")
+                if k == 2:
+                    up = torch.zeros(2, cout + 3, 64, 96, dtype=dt).contiguous(memory_format=nhwc)
+                    ops.upsample_conv2x2(x, (64, 96), w, b, out=up[:, 3:], backend="triton")
         flow = torch.randn(2, 2, 32, 48, dtype=dt, requires_grad=True)
         ops.warp(x, flow, backend="triton").sum().backward()
         os.environ["FILM_FAST_DETERMINISTIC"] = "1"
@@ -107,6 +116,9 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
         up, warped = ops.upsample_flow_warp(coarse, x, backend="triton")
         (up.sum() + warped.sum()).backward()
         ops.avg_pool2x2(x, backend="triton").sum().backward()
+        with torch.no_grad():
+            pooled = torch.zeros(2, cin + 3, 16, 24, dtype=dt).contiguous(memory_format=nhwc)
+            ops.avg_pool2x2(x, out=pooled[:, :cin], backend="triton")
 json.dump(results, sys.stdout)
 '''
 

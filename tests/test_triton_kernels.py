@@ -582,6 +582,137 @@ def test_avg_pool2x2_matches_reference(case):
         assert out[0].is_contiguous(memory_format=torch.channels_last)
 
 
+# ---- out= (in-place stores into buffer slices) -------------------------------------------------
+def _out_case(op_name):
+    """``(op(inputs, outs, backend) -> results, fp32 inputs, [B, C_out, H, W] per out)``."""
+    if op_name == "conv2d_levels":
+        xs0 = [torch.randn(2, 5, 9, 11, generator=gen(1)), torch.randn(2, 5, 4, 5, generator=gen(2))]
+        w0 = torch.randn(6, 5, 3, 3, generator=gen(3)) / 6
+        b0 = torch.randn(6, generator=gen(4)) * 0.1
+
+        def op(inputs, outs, backend):
+            *xs, w, b = inputs
+            return ops.conv2d_levels(list(xs), w, b, "leaky_relu", out=outs, backend=backend)
+        return op, [*xs0, w0, b0], [(2, 6, 9, 11), (2, 6, 4, 5)]
+    if op_name == "upsample_conv2x2":
+        x0 = torch.randn(2, 5, 4, 6, generator=gen(1))
+        w0 = torch.randn(6, 5, 2, 2, generator=gen(3)) / 4
+        b0 = torch.randn(6, generator=gen(4)) * 0.1
+
+        def op(inputs, outs, backend):
+            x, w, b = inputs
+            return [ops.upsample_conv2x2(x, (9, 11), w, b, out=outs[0], backend=backend)]
+        return op, [x0, w0, b0], [(2, 6, 9, 11)]
+    x0 = torch.randn(2, 6, 9, 11, generator=gen(1))
+
+    def op(inputs, outs, backend):
+        return [ops.avg_pool2x2(inputs[0], out=outs[0], backend=backend)]
+    return op, [x0], [(2, 6, 4, 5)]
+
+
+@pytest.mark.parametrize("fill", ["other_channels", "whole"])
+@pytest.mark.parametrize("op_name", ["conv2d_levels", "upsample_conv2x2", "avg_pool2x2"])
+def test_out_slices_under_autograd_match_the_torch_backend(op_name, fill):
+    """out= into channel slices of buffers whose other channels come from a leaf: outputs and
+    every gradient (inputs, weights, and the buffer's other channels) equal the torch
+    backend's. ``whole``: the overwritten old content of the slice gets a zero gradient."""
+    op, inputs0, shapes = _out_case(op_name)
+    ca = 3
+    results = {}
+    for backend in ("torch", "triton"):
+        inputs = [prep(t, torch.float32, "nhwc" if t.dim() == 4 and i == 0 else "nchw")
+                  for i, t in enumerate(inputs0)]
+        srcs, outs, bufs = [], [], []
+        for k, (b, c, h, w) in enumerate(shapes):
+            src = prep(torch.rand(b, ca + c if fill == "whole" else ca, h, w, generator=gen(10 + k)),
+                       torch.float32, "nhwc")
+            buf = torch.full((b, ca + c + 2, h, w), NAN, device=DEVICE).contiguous(
+                memory_format=torch.channels_last)
+            buf[:, ca + c:].zero_()
+            buf[:, :src.shape[1]].copy_(src)
+            srcs.append(src)
+            bufs.append(buf)
+            outs.append(buf[:, ca:ca + c])
+        got = op(inputs, outs, backend)
+        if backend == "triton" and op_name != "avg_pool2x2":  # stored in place, also with autograd
+            assert all(r.data_ptr() == o.data_ptr() for r, o in zip(got, outs))
+        gouts = [torch.randn(bf.shape, generator=gen(20 + k)).to(DEVICE) for k, bf in enumerate(bufs)]
+        grads = torch.autograd.grad(bufs, [*inputs, *srcs], gouts)
+        results[backend] = ([bf.detach() for bf in bufs], grads)
+    (ref_bufs, ref_grads), (tri_bufs, tri_grads) = results["torch"], results["triton"]
+    for k, (a, b) in enumerate(zip(tri_bufs, ref_bufs)):
+        assert_fp32_close(a, b, f"buffer {k}")
+    for i, (a, b) in enumerate(zip(tri_grads, ref_grads)):
+        assert a is not None, f"grad {i}: None (gradient lost through the out= slice)"
+        assert_fp32_close(a, b, f"grad {i}", rtol=2e-5)
+    if fill == "whole":
+        for k, (b, c, h, w) in enumerate(shapes):
+            g = tri_grads[len(inputs0) + k]
+            assert torch.equal(g[:, ca:], torch.zeros_like(g[:, ca:]))
+
+
+def test_conv2d_levels_out_is_one_launch_without_copies(monkeypatch):
+    from film_fast.kernels.triton import conv2d as tconv
+    from film_fast.profiling import count_launches
+    xs = [prep(torch.randn(2, 5, 9, 11, generator=gen(1)), torch.float32, "nhwc", grad=False),
+          prep(torch.randn(2, 5, 4, 5, generator=gen(2)), torch.float32, "nhwc", grad=False)]
+    w = prep(torch.randn(6, 5, 3, 3, generator=gen(3)) / 6, torch.float32, grad=False)
+    bufs = [torch.full((2, 9, h, wd), NAN, device=DEVICE).contiguous(memory_format=torch.channels_last)
+            for h, wd in ((9, 11), (4, 5))]
+    want = ops.conv2d_levels(xs, w, None, "leaky_relu", backend="triton")
+    with torch.inference_mode():  # warm-up: packs (and caches) the weight
+        ops.conv2d_levels(xs, w, None, "leaky_relu", out=[b[:, 2:8] for b in bufs],
+                          backend="triton")
+    counter = count_launches(lambda: ops.conv2d_levels(
+        xs, w, None, "leaky_relu", out=[b[:, 2:8] for b in bufs], backend="triton"), triton=True)
+    assert counter.by_op == {"triton._conv2d_fwd_kernel": 1}, counter.by_op
+    for b, y in zip(bufs, want):
+        assert torch.equal(b[:, 2:8], y)
+        assert torch.isnan(b[:, :2]).all() and torch.isnan(b[:, 8:]).all()
+
+
+def test_conv2d_levels_into_misaligned_slices_of_aligned_inputs():
+    """16-aligned fp16 NHWC inputs (the big-tile config) stored into misaligned slices (FILM's
+    3 + C channel level buffers): the forward takes the misaligned tiles (big tiles spill with
+    unaligned stores on sm_90), same values as the functional op."""
+    from film_fast.kernels.triton import conv2d_levels as tlevels
+    xs = [prep(torch.randn(2, 16, 9, 11, generator=gen(1)), torch.float16, "nhwc", grad=False),
+          prep(torch.randn(2, 16, 4, 6, generator=gen(2)), torch.float16, "nhwc", grad=False)]
+    w = prep(torch.randn(32, 16, 3, 3, generator=gen(3)) / 12, torch.float16, grad=False)
+    b = prep(torch.randn(32, generator=gen(4)) * 0.1, torch.float16, grad=False)
+    bufs = [torch.full((2, 35, h, wd), NAN, dtype=torch.float16, device=DEVICE).contiguous(
+        memory_format=torch.channels_last) for h, wd in ((9, 11), (4, 6))]
+    outs = [buf[:, 3:] for buf in bufs]
+    assert tlevels._into_config(xs, w, outs).fwd[0] == 64  # misaligned-output tiles
+    assert tlevels._into_config(xs, w, [torch.empty_like(o) for o in outs]).fwd[0] == 128
+    want = ops.conv2d_levels(xs, w, b, "leaky_relu", backend="triton")
+    ops.conv2d_levels(xs, w, b, "leaky_relu", out=outs, backend="triton")
+    truth = ops.conv2d_levels([x.float() for x in xs], w.float(), b.float(), "leaky_relu",
+                              backend="torch")
+    for buf, y, t in zip(bufs, want, truth):
+        assert torch.isnan(buf[:, :3]).all()
+        assert_lowp_close(buf[:, 3:], y, t, torch.float16, "out= slice")
+
+
+def test_packed_conv_weights_are_cached_until_the_weight_changes():
+    from film_fast.kernels.triton import conv2d as tconv
+    w = torch.randn(4, 3, 3, 3, device=DEVICE)
+    with torch.inference_mode():  # (how film_fast runs inference)
+        a = tconv._packed_weight(w, 0)
+        assert tconv._packed_weight(w, 0) is a
+        assert tconv._packed_weight(w, 1) is not a
+        w.mul_(2)  # an in-place update (optimiser step, load_state_dict) bumps the version
+        b = tconv._packed_weight(w, 0)
+        assert b is not a and torch.equal(b, w) and torch.equal(a * 2, b)
+        w.data.mul_(2)  # invisible to the version counter: cleared by hand
+        tconv.clear_packed_weights()
+        assert torch.equal(tconv._packed_weight(w, 0), w)
+    # outside inference mode (training, gradcheck's .data perturbations) every call packs afresh
+    assert tconv._packed_weight(w, 0) is not tconv._packed_weight(w, 0)
+    with torch.no_grad():
+        assert tconv._packed_weight(w, 0) is not tconv._packed_weight(w, 0)
+
+
 # ---- fp64: finite differences ------------------------------------------------------------------
 def _f64(*shape, seed=0, scale=1.0):
     t = torch.randn(*shape, generator=gen(seed), dtype=torch.float64) * scale

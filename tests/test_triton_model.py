@@ -72,3 +72,39 @@ def test_film_triton_backend_matches_torch_backend_and_golden():
         err = (tri[key] - nchw(d[key][:n])).abs().max().item()
         assert err <= ATOL, f"{key} vs golden: {err:.3e}"
     assert np.isfinite(tri["image"][0].numpy()).all()
+
+
+@pytest.mark.parametrize("widths,dtype,aten_ops", [
+    ("tiny", torch.float32, 23), ("published", torch.float32, 23), ("published", torch.bfloat16, 40)])
+def test_triton_kernel_launches_per_forward(monkeypatch, widths, dtype, aten_ops):
+    """The GPU path's launches per forward ("Engine speed": at most a fifth of the port's 776).
+
+    The published graph (``tiny``: the issue's widths, ``filters=2``), counted after a warm-up
+    call (packed conv weights, descriptor tables and the fp32 head weights are cached). Under
+    the interpreter the kernels are counted but not run (the graph's control flow does not
+    depend on values), which keeps this a second instead of minutes.
+    """
+    from film_fast.options import Options
+    from film_fast.profiling import count_launches
+    if DEVICE == "cpu":
+        from triton.runtime import interpreter
+        monkeypatch.setattr(interpreter.InterpretedFunction, "run", lambda *a, **k: None)
+    options = Options(filters=2, flow_filters=(2, 2, 2, 2)) if widths == "tiny" else Options()
+    model = film_fast.FILM(options, backend="triton").eval().to(device=DEVICE, dtype=dtype)
+    x0, x1 = torch.rand(1, 3, 64, 64, device=DEVICE), torch.rand(1, 3, 64, 64, device=DEVICE)
+    with torch.inference_mode():
+        model(x0, x1, 0.5)
+    counter = count_launches(lambda: model(x0, x1, 0.5), triton=True)
+    kernels = {op: n for op, n in counter.by_op.items() if op.startswith("triton.")}
+    aten = {op: n for op, n in counter.by_op.items() if not op.startswith("triton.")}
+    # 56 convs (8 multi-level), 21 pools, 10 warps, 6 fused flow-upsample + warps, 6 flow upsamples
+    assert sum(kernels.values()) == 99, kernels
+    # fp32: 7 row-swapped predictor halves (gathers), 6 residual adds, 5 fusion flow scalings,
+    # 2 input frames, 1 coarsest predictor half, t / 1 - t; everything else is stored in place
+    # by the kernels. 16-bit adds 7 activation casts for the fp32 flow heads, 5 flow copies
+    # (the warps sample with fp32 flows, the buffers hold 16-bit ones) and 5 zeroed padding
+    # channel ranges. On a GPU, up to 8 descriptor-table uploads when buffers move.
+    slack = 8 if DEVICE == "cuda" else 0
+    assert sum(aten.values()) <= aten_ops + slack, aten
+    assert counter.total <= 155, counter.by_op
+    assert "aten.contiguous" not in aten  # conv weights are packed once, not per call

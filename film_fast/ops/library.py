@@ -17,8 +17,12 @@ op (schema, backend last)      notes
 ``conv2d``                     ``(x, weight, bias?, activation?, backend) -> Tensor``
 ``conv2d_levels``              ``(Tensor[] xs, weight, bias?, activation?, backend) -> Tensor[]``
 ``conv2d_pool``                ``(x, weight, bias?, activation?, backend) -> (y, pooled)``
+``conv2d_levels_into``         ``(Tensor[] xs, weight, bias?, activation?, Tensor[] out!, backend)
+                               -> ()``: level ``l`` -> ``out[l]``
 ``upsample_conv2x2``           ``(x, SymInt[] size, weight, bias?, backend) -> Tensor``
+``upsample_conv2x2_into``      ``(x, SymInt[] size, weight, bias?, out!, backend) -> ()``
 ``avg_pool2x2``                ``(x, backend) -> Tensor``
+``avg_pool2x2_into``           ``(x, out!, backend) -> ()``
 ``<op>_backward``              gradients of the differentiable ops for kernel backends
 =============================  ===========================================================
 
@@ -27,7 +31,8 @@ op (schema, backend last)      notes
 the eager dispatcher does per call. The ``*_into`` variants declare ``out`` in
 ``mutates_args``: that is how the model's concat buffers keep being written in place
 (``out`` is usually a channel slice of a channels_last buffer); they are only used when
-no gradient is recorded, as in eager.
+no gradient is recorded. With gradients recorded the compiled path runs the functional op
+and copies into ``out`` (returning the functional result), as the eager torch backend does.
 
 Fake (meta) implementations give each backend's exact output metadata:
 
@@ -600,12 +605,50 @@ _register_autograd(_conv2d_pool, "conv2d_pool",
                    lambda x, w, b, act, backend: ([x, w, b], (), act, backend),
                    lambda g: (g[0], g[1], g[2], None, None))
 
+@torch.library.custom_op(f"{NS}::conv2d_levels_into", mutates_args=("out",))
+def _conv2d_levels_into(xs: List[Tensor], weight: Tensor, bias: Optional[Tensor],
+                        activation: Optional[str], out: List[Tensor], backend: str) -> None:
+    with torch.no_grad():
+        _impl("conv2d_levels_into", backend, weight.device)(list(xs), weight, bias, activation,
+                                                            list(out))
+
+
+@_conv2d_levels_into.register_fake
+def _(xs, weight, bias, activation, out, backend):
+    return None
+
+
+@torch.library.custom_op(f"{NS}::avg_pool2x2_into", mutates_args=("out",))
+def _avg_pool2x2_into(x: Tensor, out: Tensor, backend: str) -> None:
+    with torch.no_grad():
+        _impl("avg_pool2x2_into", backend, x.device)(x, out)
+
+
+@_avg_pool2x2_into.register_fake
+def _(x, out, backend):
+    return None
+
+
+@torch.library.custom_op(f"{NS}::upsample_conv2x2_into", mutates_args=("out",))
+def _upsample_conv2x2_into(x: Tensor, size: Sequence[int], weight: Tensor, bias: Optional[Tensor],
+                           out: Tensor, backend: str) -> None:
+    with torch.no_grad():
+        _impl("upsample_conv2x2_into", backend, x.device)(x, list(size), weight, bias, out)
+
+
+@_upsample_conv2x2_into.register_fake
+def _(x, size, weight, bias, out, backend):
+    return None
+
+
 #: Every registered forward op by name (``torch.ops.film_fast.<name>``).
 OPS = {
     "warp": _warp, "warp_into": _warp_into, "upsample_flow": _upsample_flow, "conv2d": _conv2d,
-    "avg_pool2x2": _avg_pool2x2, "upsample_conv2x2": _upsample_conv2x2,
+    "avg_pool2x2": _avg_pool2x2, "avg_pool2x2_into": _avg_pool2x2_into,
+    "upsample_conv2x2": _upsample_conv2x2, "upsample_conv2x2_into": _upsample_conv2x2_into,
     "upsample_flow_warp": _upsample_flow_warp, "upsample_flow_warp_into": _upsample_flow_warp_into,
-    "conv2d_levels": _conv2d_levels, "conv2d_pool": _conv2d_pool,
+    "conv2d_levels": _conv2d_levels, "conv2d_levels_into": _conv2d_levels_into,
+    "conv2d_pool": _conv2d_pool,
 }
 
 
@@ -638,14 +681,28 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                                       backend_for("conv2d", backend, x.device))
 
 
-def avg_pool2x2(x: Tensor, backend: Optional[str] = None) -> Tensor:
-    return torch.ops.film_fast.avg_pool2x2(x, backend_for("avg_pool2x2", backend, x.device))
+def avg_pool2x2(x: Tensor, out: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    if out is not None and not _recording(x, out):
+        torch.ops.film_fast.avg_pool2x2_into(x, out, backend_for("avg_pool2x2_into", backend,
+                                                                 x.device))
+        return out
+    result = torch.ops.film_fast.avg_pool2x2(x, backend_for("avg_pool2x2", backend, x.device))
+    if out is not None:
+        out.copy_(result)  # (returns the result: equal to out, and not a view of its buffer)
+    return result
 
 
 def upsample_conv2x2(x: Tensor, size: Sequence[int], weight: Tensor, bias: Optional[Tensor] = None,
-                     backend: Optional[str] = None) -> Tensor:
-    return torch.ops.film_fast.upsample_conv2x2(x, list(size), weight, bias,
-                                                backend_for("upsample_conv2x2", backend, x.device))
+                     out: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    if out is not None and not _recording(x, weight, bias, out):
+        name = backend_for("upsample_conv2x2_into", backend, x.device)
+        torch.ops.film_fast.upsample_conv2x2_into(x, list(size), weight, bias, out, name)
+        return out
+    name = backend_for("upsample_conv2x2", backend, x.device)
+    result = torch.ops.film_fast.upsample_conv2x2(x, list(size), weight, bias, name)
+    if out is not None:
+        out.copy_(result)
+    return result
 
 
 def upsample_flow_warp(flow: Tensor, features: Tensor, out: Optional[Tensor] = None,
@@ -661,9 +718,19 @@ def upsample_flow_warp(flow: Tensor, features: Tensor, out: Optional[Tensor] = N
 
 
 def conv2d_levels(xs: Sequence[Tensor], weight: Tensor, bias: Optional[Tensor] = None,
-                  activation: Optional[str] = None, backend: Optional[str] = None) -> list:
-    return list(torch.ops.film_fast.conv2d_levels(
+                  activation: Optional[str] = None, out: Optional[Sequence[Tensor]] = None,
+                  backend: Optional[str] = None) -> list:
+    if out is not None and not _recording(weight, bias, *xs, *out):
+        torch.ops.film_fast.conv2d_levels_into(
+            list(xs), weight, bias, activation, list(out),
+            backend_for("conv2d_levels_into", backend, xs[0].device))
+        return list(out)
+    ys = list(torch.ops.film_fast.conv2d_levels(
         list(xs), weight, bias, activation, backend_for("conv2d_levels", backend, xs[0].device)))
+    if out is not None:
+        for o, y in zip(out, ys):
+            o.copy_(y)
+    return ys
 
 
 def conv2d_pool(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,

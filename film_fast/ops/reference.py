@@ -163,6 +163,14 @@ def avg_pool2x2(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, kernel_size=2, stride=2)
 
 
+def avg_pool2x2_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`avg_pool2x2` written into ``out`` (any strides). Returns the dense result (equal
+    to ``out``; PyTorch's pooling has no strided ``out=``, so this computes and copies)."""
+    y = avg_pool2x2(x)
+    out.copy_(y)
+    return y
+
+
 def upsample_conv2x2(x: torch.Tensor, size: Sequence[int], weight: torch.Tensor,
                      bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The fusion decoder's up step: nearest resize to ``size``, then a 2x2 'same' conv.
@@ -177,6 +185,14 @@ def upsample_conv2x2(x: torch.Tensor, size: Sequence[int], weight: torch.Tensor,
     """
     up = F.interpolate(x, size=tuple(int(s) for s in size), mode="nearest-exact")
     return conv2d(up, weight, bias, activation=None)
+
+
+def upsample_conv2x2_into(x: torch.Tensor, size: Sequence[int], weight: torch.Tensor,
+                          bias: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """:func:`upsample_conv2x2` written into ``out`` (any strides); returns the dense result."""
+    y = upsample_conv2x2(x, size, weight, bias)
+    out.copy_(y)
+    return y
 
 
 # ---- fused compositions (kernel backends implement each in one pass) ----------------------
@@ -213,6 +229,17 @@ def conv2d_levels(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Option
         list of ``[B_l, Cout, H_l, W_l]``.
     """
     return [conv2d(x, weight, bias, activation) for x in xs]
+
+
+def conv2d_levels_into(xs: Sequence[torch.Tensor], weight: torch.Tensor,
+                       bias: Optional[torch.Tensor], activation: Optional[str],
+                       out: Sequence[torch.Tensor]) -> list:
+    """:func:`conv2d_levels` written into ``out[l]`` (any strides, e.g. channel slices of level
+    buffers). Returns the dense per-level results (equal to ``out``)."""
+    ys = conv2d_levels(xs, weight, bias, activation)
+    for o, y in zip(out, ys):
+        o.copy_(y)
+    return ys
 
 
 def conv2d_pool(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -11,6 +11,10 @@ way, and fall back to the reference everywhere else:
   backward) and for fp32/bf16 (oneDNN's CPU dtypes).
 * a 2x2 TF-'same' conv (pad bottom/right) as a symmetric ``padding=1`` conv
   read from offset (1, 1): identical sums, no padded copy of the input.
+* ``upsample_flow`` with a residual as ``residual + 2 * resize(flow)`` in one
+  ``add(alpha=2)`` after the resize instead of doubling the flow first: scaling by 2
+  is exact and commutes with the (linear) resize and its rounding, so the result is
+  bitwise the reference's with one pass fewer.
 """
 from __future__ import annotations
 
@@ -61,6 +65,17 @@ def conv2d_levels(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Option
     return [conv2d(x, weight, bias, activation) for x in xs]
 
 
+def conv2d_levels_into(xs: Sequence[torch.Tensor], weight: torch.Tensor,
+                       bias: Optional[torch.Tensor], activation: Optional[str],
+                       out: Sequence[torch.Tensor]) -> list:
+    """oneDNN writes its own (dense) output: computed, then copied into ``out``; returns the
+    dense results, which the next ops read faster than strided buffer slices."""
+    ys = conv2d_levels(xs, weight, bias, activation)
+    for o, y in zip(out, ys):
+        o.copy_(y)
+    return ys
+
+
 def conv2d_pool(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 activation: Optional[str] = None):
     y = conv2d(x, weight, bias, activation)
@@ -71,3 +86,20 @@ def upsample_conv2x2(x: torch.Tensor, size: Sequence[int], weight: torch.Tensor,
                      bias: Optional[torch.Tensor]) -> torch.Tensor:
     up = F.interpolate(x, size=tuple(int(s) for s in size), mode="nearest-exact")
     return conv2d(up, weight, bias, None)
+
+
+def upsample_conv2x2_into(x: torch.Tensor, size: Sequence[int], weight: torch.Tensor,
+                          bias: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    y = upsample_conv2x2(x, size, weight, bias)
+    out.copy_(y)
+    return y
+
+
+def upsample_flow(flow: torch.Tensor, size: Sequence[int],
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Same contract (and bits) as :func:`film_fast.ops.reference.upsample_flow`."""
+    if residual is None:
+        return reference.upsample_flow(flow, size)
+    up = F.interpolate(flow, size=tuple(int(s) for s in size), mode="bilinear",
+                       align_corners=False)
+    return torch.add(residual, up, alpha=2)

@@ -22,6 +22,10 @@ upsample_conv2x2       upsample_conv2x2           direct conv of the implicit ne
 avg_pool2x2            avg_pool2x2                forward, gather backward
 =====================  =========================  =============================================
 
+The ``*_into`` variants (``out=`` of ``film_fast.ops``) store through the destination's
+strides from the same kernels (the conv epilogue, the pool and up-conv kernels) without
+autograd; with gradients recorded they compute and copy.
+
 float64 tensors (e.g. gradcheck) fall back to :mod:`film_fast.ops.reference`.
 """
 from __future__ import annotations
@@ -33,9 +37,9 @@ import torch
 
 from film_fast.ops.dispatch import register, register_verifier
 
-from .avg_pool2x2 import avg_pool2x2
-from .conv2d import conv2d, conv2d_levels, conv2d_pool
-from .upsample_conv2x2 import upsample_conv2x2
+from .avg_pool2x2 import avg_pool2x2, avg_pool2x2_into
+from .conv2d import conv2d, conv2d_levels, conv2d_levels_into, conv2d_pool
+from .upsample_conv2x2 import upsample_conv2x2, upsample_conv2x2_into
 from .upsample_flow import upsample_flow
 from .upsample_flow_warp import upsample_flow_warp
 from .warp import warp, warp_into
@@ -47,9 +51,12 @@ OPS = {
     "upsample_flow_warp": upsample_flow_warp,
     "conv2d": conv2d,
     "conv2d_levels": conv2d_levels,
+    "conv2d_levels_into": conv2d_levels_into,
     "conv2d_pool": conv2d_pool,
     "upsample_conv2x2": upsample_conv2x2,
+    "upsample_conv2x2_into": upsample_conv2x2_into,
     "avg_pool2x2": avg_pool2x2,
+    "avg_pool2x2_into": avg_pool2x2_into,
 }
 
 for _name, _fn in OPS.items():

@@ -5,6 +5,8 @@ threads ordered like the tensor's memory (NCHW or NHWC).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from film_fast.ops import reference
@@ -20,11 +22,13 @@ def _kernel(name: str, dtype: torch.dtype, device: int):
     return rt.get_kernel(SOURCE, name, dtype, device)
 
 
-def avg_pool2x2_forward(x: torch.Tensor) -> torch.Tensor:
-    """``[B, C, H, W]`` -> ``[B, C, H // 2, W // 2]`` in ``x``'s dtype and layout."""
+def avg_pool2x2_forward(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, C, H // 2, W // 2]`` in ``x``'s dtype and layout, or stored
+    into ``out`` (any strides) when given."""
     b, c, h, w = x.shape
-    out = torch.empty((b, c, h // 2, w // 2), dtype=x.dtype, device=x.device,
-                      memory_format=rt.memory_format(x))
+    if out is None:
+        out = torch.empty((b, c, h // 2, w // 2), dtype=x.dtype, device=x.device,
+                          memory_format=rt.memory_format(x))
     if out.numel() == 0:
         return out
     dev = rt.device_index(x)
@@ -70,3 +74,15 @@ def avg_pool2x2(x: torch.Tensor) -> torch.Tensor:
     if not rt.supported(x):
         return reference.avg_pool2x2(x)
     return CupyAvgPool2x2Function.apply(x)
+
+
+def avg_pool2x2_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``film_fast.ops.avg_pool2x2(x, out=out)`` on the CuPy backend: the kernel stores into
+    ``out`` (returned). With gradients recorded (or float64, or ``out`` of another dtype) it
+    computes, copies, and returns the computed tensor."""
+    if (not rt.supported(x) or out.dtype != x.dtype
+            or (torch.is_grad_enabled() and (x.requires_grad or out.requires_grad))):
+        y = avg_pool2x2(x)
+        out.copy_(y)
+        return y
+    return avg_pool2x2_forward(x, out)

@@ -170,13 +170,18 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 
 
 # ---- conv2d_levels -----------------------------------------------------------------------------
-def _levels_epilogue(gemms: List[_Gemm], xs: Sequence[torch.Tensor], bias32, act: int):
-    """One launch applying ``act(z + bias)`` to every level's GEMM output."""
+def _levels_epilogue(gemms: List[_Gemm], xs: Sequence[torch.Tensor], bias32, act: int,
+                     dests: Optional[Sequence[torch.Tensor]] = None):
+    """One launch applying ``act(z + bias)`` to every level's GEMM output, stored in place on
+    the GEMM output where possible, or into ``dests`` (any strides) when given."""
     outs, rows, total = [], [], 0
-    for gemm, x in zip(gemms, xs):
+    for i, (gemm, x) in enumerate(zip(gemms, xs)):
         z = gemm.z
-        out = z if not gemm.sliced else torch.empty(z.shape, dtype=z.dtype, device=z.device,
-                                                    memory_format=rt.memory_format(x))
+        if dests is not None:
+            out = dests[i]
+        else:
+            out = z if not gemm.sliced else torch.empty(z.shape, dtype=z.dtype, device=z.device,
+                                                        memory_format=rt.memory_format(x))
         outs.append(out)
         if out.numel() == 0:
             continue
@@ -185,7 +190,8 @@ def _levels_epilogue(gemms: List[_Gemm], xs: Sequence[torch.Tensor], bias32, act
                rt.is_channels_last(out)]
         rows.append(row + [0] * (LEVEL_ROW - len(row)))
         total += out.numel()
-    if total == 0 or (bias32 is None and act == 0 and not any(g.sliced for g in gemms)):
+    if total == 0 or (dests is None and bias32 is None and act == 0
+                      and not any(g.sliced for g in gemms)):
         return outs
     device = gemms[0].z.device
     table = torch.tensor(rows, dtype=torch.int64)
@@ -249,6 +255,29 @@ def conv2d_levels(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Option
     if not rt.supported(weight, bias, *xs) or len({x.dtype for x in xs}) != 1:
         return reference.conv2d_levels(xs, weight, bias, activation)
     return list(CupyConv2dLevelsFunction.apply(weight, bias, act, *xs))
+
+
+def conv2d_levels_into(xs: Sequence[torch.Tensor], weight: torch.Tensor,
+                       bias: Optional[torch.Tensor], activation: Optional[str],
+                       out: Sequence[torch.Tensor]) -> list:
+    """``film_fast.ops.conv2d_levels(..., out=out)`` on the CuPy backend: the GEMMs, then one
+    epilogue launch storing every level into ``out[l]`` (returned). With gradients recorded
+    (or float64 / mixed dtypes) it computes, copies, and returns the computed tensors."""
+    act = activation_code(activation)
+    xs, out = list(xs), list(out)
+    if not xs:
+        return []
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (weight, bias, *xs, *out))
+    if (recording or not rt.supported(weight, bias, *xs) or len({x.dtype for x in xs}) != 1
+            or any(o.dtype != xs[0].dtype for o in out)):
+        ys = conv2d_levels(xs, weight, bias, activation)
+        for o, y in zip(out, ys):
+            o.copy_(y)
+        return ys
+    gemms = [_Gemm(x, weight) for x in xs]
+    _levels_epilogue(gemms, xs, _bias_arg(bias), act, dests=out)
+    return out
 
 
 # ---- conv2d_pool -------------------------------------------------------------------------------

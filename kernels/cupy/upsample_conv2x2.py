@@ -36,15 +36,18 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def upsample_conv2x2_forward(x: torch.Tensor, size: Sequence[int], weight: torch.Tensor,
-                             bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[B, Cin, h, w]`` -> ``[B, Cout, H, W]`` in ``x``'s dtype and layout."""
+                             bias: Optional[torch.Tensor],
+                             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, Cin, h, w]`` -> ``[B, Cout, H, W]`` in ``x``'s dtype and layout, or stored into
+    ``out`` (any strides) when given."""
     b, cin, h, w = x.shape
     cout = weight.shape[0]
     H, W = int(size[0]), int(size[1])
     if tuple(weight.shape) != (cout, cin, 2, 2):
         raise ValueError(f"weight must be [Cout, {cin}, 2, 2], got {list(weight.shape)}")
-    out = torch.empty((b, cout, H, W), dtype=x.dtype, device=x.device,
-                      memory_format=rt.memory_format(x))
+    if out is None:
+        out = torch.empty((b, cout, H, W), dtype=x.dtype, device=x.device,
+                          memory_format=rt.memory_format(x))
     if out.numel() == 0:
         return out
     if h == 0 or w == 0:
@@ -97,3 +100,17 @@ def upsample_conv2x2(x: torch.Tensor, size: Sequence[int], weight: torch.Tensor,
     if not rt.supported(x, weight, bias):
         return reference.upsample_conv2x2(x, size, weight, bias)
     return CupyUpsampleConv2x2Function.apply(x, int(size[0]), int(size[1]), weight, bias)
+
+
+def upsample_conv2x2_into(x: torch.Tensor, size: Sequence[int], weight: torch.Tensor,
+                          bias: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """``film_fast.ops.upsample_conv2x2(..., out=out)`` on the CuPy backend: the kernel stores
+    into ``out`` (returned). With gradients recorded (or float64, or ``out`` of another dtype)
+    it computes, copies, and returns the computed tensor."""
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (x, weight, bias, out))
+    if recording or not rt.supported(x, weight, bias) or out.dtype != x.dtype:
+        y = upsample_conv2x2(x, size, weight, bias)
+        out.copy_(y)
+        return y
+    return upsample_conv2x2_forward(x, size, weight, bias, out)

@@ -12,10 +12,12 @@ One file per op (kernels, host launcher, ``torch.autograd.Function``):
 * ``upsample_flow.py``      ``resize_bilinear(2 flow) (+ residual)``
 * ``upsample_flow_warp.py`` fused flow upsample + warp (writes into an ``out=`` slice)
 * ``conv2d.py``             implicit-GEMM 'same' conv (+bias, LeakyReLU), its backward kernels
-* ``conv2d_levels.py``      one conv over several pyramid levels in one launch
+* ``conv2d_levels.py``      one conv over several pyramid levels in one launch (``out=``:
+  straight into level-buffer slices)
 * ``conv2d_pool.py``        conv with a fused 2x2 average-pool epilogue
 * ``upsample_conv2x2.py``   nearest resize + 2x2 conv without materialising the resize
-* ``avg_pool2x2.py``        2x2 average pooling
+  (``out=``: straight into a fusion-buffer slice)
+* ``avg_pool2x2.py``        2x2 average pooling (``out=``: straight into a buffer slice)
 """
 from __future__ import annotations
 
@@ -41,9 +43,12 @@ OPS = {
     "upsample_flow_warp": upsample_flow_warp.upsample_flow_warp,
     "conv2d": conv2d.conv2d,
     "conv2d_levels": conv2d_levels.conv2d_levels,
+    "conv2d_levels_into": conv2d_levels.conv2d_levels_into,
     "conv2d_pool": conv2d_pool.conv2d_pool,
     "upsample_conv2x2": upsample_conv2x2.upsample_conv2x2,
+    "upsample_conv2x2_into": upsample_conv2x2.upsample_conv2x2_into,
     "avg_pool2x2": avg_pool2x2.avg_pool2x2,
+    "avg_pool2x2_into": avg_pool2x2.avg_pool2x2_into,
 }
 
 for _name, _fn in OPS.items():

@@ -89,9 +89,10 @@ def _avg_pool2x2_bwd_kernel(
                  mask=pmask[:, None] & cm)
 
 
-def avg_pool2x2_fwd(x: torch.Tensor) -> torch.Tensor:
+def avg_pool2x2_fwd(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launches the forward kernel into ``out`` (any strides) or a new tensor in ``x``'s layout."""
     b, c, h, w = x.shape
-    y = utils.empty_4d((b, c, h // 2, w // 2), x.dtype, x.device, x)
+    y = out if out is not None else utils.empty_4d((b, c, h // 2, w // 2), x.dtype, x.device, x)
     if y.numel() == 0:
         return y
     _avg_pool2x2_fwd_kernel[(utils.cdiv((h // 2) * (w // 2), BLOCK_P), b)](
@@ -141,3 +142,21 @@ def avg_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """``film_fast.ops.avg_pool2x2`` for the triton backend."""
     utils.check_supported("x", x)
     return TritonAvgPool2x2Function.apply(x)
+
+
+def avg_pool2x2_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``film_fast.ops.avg_pool2x2(x, out=out)`` for the triton backend.
+
+    Without autograd the kernel stores straight into ``out`` (one launch) and ``out`` is
+    returned. With gradients recorded it pools into a new tensor, copies it into ``out`` and
+    returns the new tensor: the model's image pyramid feeds it to convolutions, which save
+    their input for backward, and a saved *view* of a level buffer would fail autograd's
+    version check once the buffer's other channels are written. (Also when ``out`` has
+    another dtype: the copy converts.)
+    """
+    utils.check_supported("x", x)
+    if out.dtype != x.dtype or (torch.is_grad_enabled() and (x.requires_grad or out.requires_grad)):
+        y = TritonAvgPool2x2Function.apply(x)
+        out.copy_(y)
+        return y
+    return avg_pool2x2_fwd(x, out)

@@ -58,6 +58,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import utils
 
@@ -74,7 +75,8 @@ class ConvConfig(NamedTuple):
     num_stages: int
 
 
-def conv_config(cin: int, cout: int, dtype: torch.dtype, x_aligned: bool = True) -> ConvConfig:
+def conv_config(cin: int, cout: int, dtype: torch.dtype, x_aligned: bool = True,
+                y_aligned: bool = True) -> ConvConfig:
     """Heuristic tiles; no autotuning (it would multiply interpreter test time, and FILM has
     few distinct channel counts).
 
@@ -86,12 +88,19 @@ def conv_config(cin: int, cout: int, dtype: torch.dtype, x_aligned: bool = True)
     so misaligned operands get 64 x 32 x 32 tiles (K chunks of 16 for grad-input), 4 warps,
     2 stages. 16 is tl.dot's
     minimum tile edge; fp32/fp64 (IEEE dot on FMA units) use K chunks of 32.
+
+    ``y_aligned=False``: the forward stores into a misaligned destination (``out=``, a channel
+    slice of a level buffer with 3 + C channels). The epilogue's stores then lose their
+    vectors and the 128 x 64 tiles spill even with aligned inputs (sm_90, fp16 3x3
+    ``conv2d_levels``: 255 registers + 72 bytes of stack, against 112 and none into an
+    aligned output; every bigger tile tried spilled too), so the forward takes the
+    misaligned tiles; the backward tiles do not change (they read a fresh gradient).
     """
     wide = dtype in (torch.float16, torch.bfloat16)
     kmax = 64 if wide else 32
     in_ok = x_aligned and cin % 16 == 0      # A operand of the forward: input channels
     out_ok = cout % 16 == 0                  # A operand of grad-input: grad_output channels
-    if in_ok and out_ok:  # (the epilogue's stores are vectorised only for aligned outputs)
+    if in_ok and out_ok and y_aligned:  # (the epilogue's stores: vectors need aligned outputs)
         fwd = (128, utils.clamp_pow2(cout, 16, 128 if wide else 64),
                utils.clamp_pow2(cin, 16, kmax), 8)
     else:
@@ -115,9 +124,12 @@ def nhwc16_aligned(t: torch.Tensor) -> bool:
             and all(s % 16 == 0 for s in (t.stride(0), t.stride(2), t.stride(3))))
 
 
-def config_for(x: torch.Tensor, weight: torch.Tensor) -> ConvConfig:
-    """:func:`conv_config` for an actual input (its layout and address decide vector alignment)."""
-    return conv_config(x.shape[1], weight.shape[0], x.dtype, x_aligned=nhwc16_aligned(x))
+def config_for(x: torch.Tensor, weight: torch.Tensor,
+               out: Optional[torch.Tensor] = None) -> ConvConfig:
+    """:func:`conv_config` for an actual input (its layout and address decide vector alignment)
+    and destination (``out``, default a new aligned tensor)."""
+    return conv_config(x.shape[1], weight.shape[0], x.dtype, x_aligned=nhwc16_aligned(x),
+                       y_aligned=out is None or nhwc16_aligned(out))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -235,6 +247,7 @@ def _conv2d_fwd_kernel(
     NUM_LEVELS: tl.constexpr,          # 0: one tensor from the arguments; else descriptor table
     LEVELS_X_NHWC16: tl.constexpr,     # every level's input NHWC, 16-aligned address / strides
     LEVELS_Y_NHWC16: tl.constexpr,     # the same for every level's output
+    LEVELS_Y_C1: tl.constexpr,         # every level's output has channel stride 1 (NHWC slices)
     DTYPE: tl.constexpr,               # element type of x / y (descriptor pointer casts)
     DOT_PRECISION: tl.constexpr,       # "ieee" (fp32/fp64), "tf32" (16-bit: ignored), "upcast"
     ACC: tl.constexpr,                 # accumulator dtype
@@ -279,6 +292,15 @@ def _conv2d_fwd_kernel(
             syc = 1
             syh = tl.multiple_of(tl.load(row + 12), 16)
             syw = tl.multiple_of(tl.load(row + 13), 16)
+        elif LEVELS_Y_C1:
+            # NHWC channel slices of wider buffers (out=: FILM's level buffers), not 16-aligned:
+            # a unit channel stride still gives one address per tile row instead of one per
+            # element (a runtime stride made the 128x64 epilogue spill registers on sm_90).
+            yp = tl.load(row + 9).to(tl.pointer_type(DTYPE))
+            syb = tl.load(row + 10)
+            syc = 1
+            syh = tl.load(row + 12)
+            syw = tl.load(row + 13)
         else:
             yp = tl.load(row + 9).to(tl.pointer_type(DTYPE))
             syb = tl.load(row + 10)
@@ -525,31 +547,68 @@ def _check_conv_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         raise ValueError(f"bias must be [{weight.shape[0]}], got {list(bias.shape)}")
 
 
+# weight -> {n_axis: (key, packed)}: identity-keyed (entries die with their weight), and the
+# key (address, version, layout) catches in-place updates (load_state_dict, optimiser steps).
+_PACKED = WeakTensorKeyDictionary()
+
+
 def _packed_weight(weight: torch.Tensor, n_axis: int) -> torch.Tensor:
     """``weight`` re-laid out so the GEMM's N axis is contiguous, viewed back as ``[Cout, Cin, kh, kw]``.
 
     The B tile of a tap is ``[BLOCK_K, BLOCK_N]``: forward N = Cout (``n_axis=0``), grad-input
     N = Cin (``n_axis=1``). OIHW weights would make every B-tile row a stride-(kh*kw) gather;
-    packed as ``[kh, kw, K, N]`` the rows are contiguous and coalesce. The copy is tiny
-    (weights are at most a few hundred KiB) and the kernels take strides, so the packed
-    tensor is passed as a permuted view with the original index order.
+    packed as ``[kh, kw, K, N]`` the rows are contiguous and coalesce. The kernels take
+    strides, so the packed tensor is passed as a permuted view with the original index order.
+
+    Under ``torch.inference_mode()`` (how film_fast runs inference) the packed copy (one
+    copy kernel) is cached per weight tensor and rebuilt when the weight changes (its address
+    or version counter: in-place updates such as ``load_state_dict`` or optimiser steps), so
+    inference packs each weight once instead of on every call (56 launches per FILM
+    forward). Writes through ``.data`` bypass the version counter: after such a write, call
+    :func:`clear_packed_weights`. Not cached: outside inference mode (training and
+    ``no_grad`` evaluation repack per call; gradcheck perturbs weights through ``.data``;
+    inside an autograd Function's forward the grad mode no longer tells inference from
+    training), inference-mode tensors (no version counter: e.g. a bf16 model's per-call fp32
+    head weight), or while a CUDA graph is being captured (the capture then re-packs from
+    the live weight on every replay).
     """
     k_axis = 1 - n_axis
-    packed = weight.permute(2, 3, k_axis, n_axis).contiguous()  # [kh, kw, K, N]
     order = [0] * 4
     for dst, src in enumerate((2, 3, k_axis, n_axis)):
         order[src] = dst
-    return packed.permute(*order)  # indexes like weight[co, ci, ty, tx]
+    cacheable = (torch.is_inference_mode_enabled() and not weight.is_inference()
+                 and not (weight.is_cuda and torch.cuda.is_current_stream_capturing()))
+    key = None
+    if cacheable:
+        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape),
+               weight.stride())
+        entry = _PACKED.get(weight, {}).get(n_axis)
+        if entry is not None and entry[0] == key:
+            return entry[1]
+    packed = weight.detach().permute(2, 3, k_axis, n_axis).contiguous()  # [kh, kw, K, N]
+    packed = packed.permute(*order)  # indexes like weight[co, ci, ty, tx]
+    if cacheable:
+        _PACKED.setdefault(weight, {})[n_axis] = (key, packed)
+    return packed
+
+
+def clear_packed_weights() -> None:
+    """Drops every cached packed weight (see :func:`_packed_weight`)."""
+    _PACKED.clear()
 
 
 def conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: bool,
              config: ConvConfig, *, pool: bool = False,
-             upsample_size: Optional[Sequence[int]] = None):
-    """Forward launcher: ``y`` (and ``pooled`` when ``pool``); ``upsample_size`` = virtual (H, W)."""
+             upsample_size: Optional[Sequence[int]] = None, out: Optional[torch.Tensor] = None):
+    """Forward launcher: ``y`` (and ``pooled`` when ``pool``); ``upsample_size`` = virtual (H, W).
+
+    ``out``: where to store ``y`` (any strides, e.g. a channel slice of a bigger buffer);
+    default a new tensor in ``x``'s layout family.
+    """
     b, cin, ih, iw = x.shape
     cout, _, kh, kw = weight.shape
     h, w = (int(upsample_size[0]), int(upsample_size[1])) if upsample_size is not None else (ih, iw)
-    y = utils.empty_4d((b, cout, h, w), x.dtype, x.device, x)
+    y = out if out is not None else utils.empty_4d((b, cout, h, w), x.dtype, x.device, x)
     pooled = utils.empty_4d((b, cout, h // 2, w // 2), x.dtype, x.device, x) if pool else None
     if y.numel() == 0:
         return (y, pooled) if pool else y
@@ -570,7 +629,7 @@ def conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         *utils.strides(x), *utils.strides(wt), *utils.strides(y), *utils.strides(p),
         KH=kh, KW=kw, PAD_T=pt, PAD_L=pl, HAS_BIAS=bias is not None, ACT=act,
         UPSAMPLE=upsample_size is not None, POOL=pool, NUM_LEVELS=0, LEVELS_X_NHWC16=False,
-        LEVELS_Y_NHWC16=False,
+        LEVELS_Y_NHWC16=False, LEVELS_Y_C1=False,
         DTYPE=utils.TL_DTYPE[x.dtype], DOT_PRECISION=dot_precision(x.dtype),
         ACC=utils.acc_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=config.num_stages)
@@ -587,16 +646,42 @@ def _level_table(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], block_m
                      *utils.strides(y), 0, 0])
         assert len(rows[-1]) == DESC_FIELDS.value
         start += utils.cdiv(b * h * w, block_m)
-    # One small host->device copy per call (a few hundred bytes).
-    return torch.tensor(rows, dtype=torch.int64).to(xs[0].device), start
+    device = xs[0].device
+    # The table is fully determined by its rows (addresses included), and a model's buffers
+    # come back at the same addresses from the caching allocator frame after frame: reuse the
+    # device copy instead of a small host->device transfer per call. Not while a CUDA graph is
+    # captured (a table allocated from the graph's private pool must not outlive it).
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    key = (str(device), tuple(tuple(r) for r in rows))
+    table = None if capturing else _TABLES.get(key)
+    if table is None:
+        table = torch.tensor(rows, dtype=torch.int64).to(device)  # a few hundred bytes
+        if not capturing:
+            if len(_TABLES) >= 256:
+                _TABLES.pop(next(iter(_TABLES)))  # oldest first
+            _TABLES[key] = table
+    return table, start
+
+
+# (device, rows) -> device copy of a conv2d_levels descriptor table (read-only in the kernel)
+_TABLES: dict = {}
 
 
 def conv_fwd_levels(xs: Sequence[torch.Tensor], weight: torch.Tensor,
-                    bias: Optional[torch.Tensor], act: bool, config: ConvConfig) -> List[torch.Tensor]:
-    """One launch over every level: the tiles of all levels form one grid axis."""
+                    bias: Optional[torch.Tensor], act: bool, config: ConvConfig,
+                    outs: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+    """One launch over every level: the tiles of all levels form one grid axis.
+
+    ``outs``: per-level destinations of any strides (the descriptor table carries each
+    level's output address and strides), e.g. channel slices of level buffers; default new
+    tensors in each input's layout family.
+    """
     cout, cin, kh, kw = weight.shape
-    ys = [utils.empty_4d((x.shape[0], cout, x.shape[2], x.shape[3]), x.dtype, x.device, x)
-          for x in xs]
+    if outs is not None:
+        ys = list(outs)
+    else:
+        ys = [utils.empty_4d((x.shape[0], cout, x.shape[2], x.shape[3]), x.dtype, x.device, x)
+              for x in xs]
     live = [(x, y) for x, y in zip(xs, ys) if y.numel() > 0]
     if not live:
         return ys
@@ -616,6 +701,7 @@ def conv_fwd_levels(xs: Sequence[torch.Tensor], weight: torch.Tensor,
         KH=kh, KW=kw, PAD_T=pt, PAD_L=pl, HAS_BIAS=bias is not None, ACT=act,
         UPSAMPLE=False, POOL=False, NUM_LEVELS=len(lx), LEVELS_X_NHWC16=nhwc16_x,
         LEVELS_Y_NHWC16=nhwc16_y,
+        LEVELS_Y_C1=not nhwc16_y and all(y.stride(1) == 1 for y in ly),
         DTYPE=utils.TL_DTYPE[x0.dtype], DOT_PRECISION=dot_precision(x0.dtype),
         ACC=utils.acc_dtype(x0.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=config.num_stages)
