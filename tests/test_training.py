@@ -253,6 +253,33 @@ def test_shipped_default_config_is_valid():
             assert os.path.isdir(p), p
 
 
+
+def test_builtin_stage_configs_chain():
+    """The built-in model's three stages (README "The built-in model"): same architecture, and
+    each stage's ``init`` is the previous stage's ``--out runs/<name>`` export, as the README's
+    one-line reproduction writes them."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stages = [("film_fast_default", None), ("film_fast_default_finetune", "film_fast_default"),
+              ("film_fast_default_large_motion", "film_fast_default_ft")]
+    first = None
+    for name, previous in stages:
+        cfg = config_lib.load_config(os.path.join(here, "configs", name + ".json"))
+        options = config_lib.model_options(cfg)
+        first = first or options
+        assert options == first, name
+        want = None if previous is None else os.path.join(here, "runs", previous,
+                                                          "model.safetensors")
+        assert cfg["init"] == want, (name, cfg["init"])
+        for src in cfg["data"]["train"]:
+            for path in src.get("paths", []) + src.get("textures", []):
+                assert os.path.isdir(path), path
+    with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    for cmd in ("--config configs/film_fast_default.json --out runs/film_fast_default ",
+                "--config configs/film_fast_default_finetune.json --out runs/film_fast_default_ft ",
+                "--config configs/film_fast_default_large_motion.json --out runs/film_fast_default_lm"):
+        assert cmd in readme, cmd
+
 # ---- the loop ----------------------------------------------------------------------------------
 def _tiny_config(root, **over):
     cfg = {"model": TINY_MODEL,
