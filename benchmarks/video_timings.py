@@ -85,15 +85,14 @@ def make_clip(source: str, path: str, width: int, height: int, frames: int) -> f
 
 
 def probe(path: str):
+    """(decoded video frames, the video stream's average rate, whether an audio stream exists)."""
     import av
 
     with av.open(path) as f:
         video = f.streams.video[0]
-        count = sum(1 for _ in f.decode(video))
-        rate = video.average_rate
-    with av.open(path) as f:
         has_audio = len(f.streams.audio) > 0
-    return count, rate, has_audio
+        count = sum(1 for _ in f.decode(video))
+        return count, video.average_rate, has_audio
 
 
 def run_job(name: str, source: str, workdir: str, threads: int, dtype: str) -> dict:
