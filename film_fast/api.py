@@ -8,6 +8,7 @@ import torch
 
 from .checkpoints import read_checkpoint
 from .errors import CheckpointError
+from .cpu_features import warn_if_slow
 from .model import FILM
 from .options import Options
 
@@ -75,6 +76,7 @@ def load(path: Optional[Union[str, os.PathLike]] = None, *, device=None, dtype=N
         path = BUILTIN_MODEL
     target_dtype = resolve_dtype(dtype)
     target_device = resolve_device(device)
+    warn_if_slow(target_device, target_dtype, f"film_fast.load(dtype={target_dtype})")
     ckpt = read_checkpoint(path, pyramid_levels=pyramid_levels, options=options)
     with torch.device("meta"):
         model = FILM(ckpt.options, backend=backend)

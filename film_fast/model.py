@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import ops
+from . import cpu_memory, ops
 from .feature_extractor import FeatureExtractor
 from .flow_estimator import PyramidFlowEstimator
 from .fusion import Fusion
@@ -161,6 +161,8 @@ class FILM(nn.Module):
         """
         opts = self.options
         dtype, device = self.dtype, self.device
+        if device.type == "cpu" and not torch.compiler.is_compiling():
+            cpu_memory.ensure()  # reuse freed pages across frames (see film_fast.cpu_memory)
         height, width = parts[0].shape[-2:]
         pads = padding_for(height, width, opts.size_multiple)
         left, right, top, bottom = pads

@@ -60,6 +60,10 @@ class LaunchCounter(TorchDispatchMode):
     kernel are not counted, so the total is what a GPU would launch.
     """
 
+    # It only watches: film_fast's CPU fast paths and caches stay on under it, so that it
+    # counts what really runs (see film_fast.ops.eager).
+    observes_only = True
+
     def __init__(self, triton: bool = False) -> None:
         super().__init__()
         self.by_op: Counter[str] = collections.Counter()

@@ -58,13 +58,14 @@ Autograd (``register_autograd``), per backend:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, eager
 
 NS = "film_fast"
 
@@ -215,7 +216,10 @@ def _forward(op: str, backend: str, inputs: List[Optional[Tensor]], size, act) -
     """Real forward: the backend's eager implementation (inference path: autograd is handled
     by the registered op), outputs conformed to the fake metadata for kernel backends."""
     device = next(t for t in inputs if t is not None).device
-    with torch.no_grad():
+    # The torch backend's backward differentiates its reference, so the forward computes the
+    # reference too (its CPU fast paths agree with it only up to rounding).
+    scope = eager.reference_only() if backend == "torch" else contextlib.nullcontext()
+    with torch.no_grad(), scope:
         outs = _as_list(_CALL[op](_impl(op, backend, device), inputs, size, act))
     if backend != "torch":
         outs = [_conform(o, s) for o, s in zip(outs, _RULES[op](inputs, size, act))]

@@ -20,11 +20,12 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .eager import untraced
+
 LEAKY_SLOPE = 0.2
 
 
 _GRIDS: dict = {}
-_FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
 
 
 def _make_grid(height: int, width: int, dtype: torch.dtype, device: torch.device):
@@ -46,7 +47,7 @@ def _pixel_grid(height: int, width: int, dtype: torch.dtype, device: torch.devic
     the grid costs ~8 small ops per warp. Not while tracing (``torch.compile``, fake
     tensors): the grid is then part of the graph and the cache holds real tensors only.
     """
-    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(_FAKE_MODE) is not None:
+    if not untraced():  # (see film_fast.ops.eager.untraced)
         return _make_grid(height, width, dtype, device)
     key = (height, width, dtype, str(device))
     cached = _GRIDS.get(key)

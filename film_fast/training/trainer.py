@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..cpu_features import native_bf16, warn_if_slow
 from ..model import FILM
 from . import config as config_lib
 from .data import (Augment, FolderTriplets, SyntheticMotion, TripletSampler, TripletSource,
@@ -66,11 +67,12 @@ def resolve_precision(name: str, device: torch.device) -> str:
         if name == "fp16" and device.type != "cuda":
             raise TrainingError("precision fp16 needs a CUDA device (CPU fp16 convs run at "
                                 "~0.4 GFLOP/s); use bf16 or fp32 on CPU")
+        if name == "bf16":
+            warn_if_slow(device, torch.bfloat16, "training precision bf16")
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
-    return "bf16" if "AVX512" in str(cap).upper() else "fp32"
+    return "bf16" if native_bf16() else "fp32"
 
 
 # ---- data --------------------------------------------------------------------------------------

@@ -1,0 +1,193 @@
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) for FILM's wide 3x3 convolutions on the CPU.
+
+A 3x3 'same' conv computes each m x m output tile from an (m + 2) x (m + 2) input tile.
+Winograd's minimal filtering algorithm (Lavin & Gray, 2016) writes it as
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A          (* elementwise, per channel pair)
+
+with ``d`` the input tile, ``g`` the 3x3 kernel and constant matrices ``B^T``, ``G``, ``A^T``
+(below; interpolation points 0, +-1 for m = 2 and 0, +-1, +-2 for m = 4). Summed over input
+channels, the ``(m + 2)^2`` elementwise products become that many independent GEMMs
+``M[k] = V[k] @ U[k]`` (``[tiles, Cin] @ [Cin, Cout]``): per output pixel 4 multiplies
+(m = 2) or 2.25 (m = 4) instead of the direct conv's 9, i.e. 2.25x or 4x fewer FLOPs. The
+transforms are small linear combinations, run here separably (rows, then columns) as a few
+dozen elementwise PyTorch ops on strided NHWC views.
+
+They cost memory traffic in proportion to the channel counts, so the saving wins only where
+the GEMMs dominate: wide layers. Measured on the 2-core AMD EPYC (Zen 3) development machine
+against oneDNN's direct fp32 conv (165-185 GFLOP/s), ``reuse`` malloc policy, F(4x4, 3x3):
+2442->512 at 64x64 3.2x faster, 1920->256 at 64x64 (batch 2) 2.7x, 1162->256 at 128x128 2.6x,
+512->512 at 64x64 2.7x, 256->256 at 128x128 2.1x, 896->128 at 128x128 1.6x, 522->128 at
+256x256 1.1-1.5x, 128->128 at 256x256 1.4x; but 384->64 0.85x and 202->64 at 512x512 0.7x.
+F(2x2, 3x3) wins over F(4x4, 3x3) only below 32x32. Hence :func:`tile_size`.
+
+Accuracy (fp32, max error over the output's largest magnitude, against a float64 conv):
+oneDNN's direct conv 1e-6..4e-6, F(2x2, 3x3) 5e-7, F(4x4, 3x3) 7e-6..1e-5 (its G has
+1/6, 1/12, 1/24 and its B, A entries up to 8, which amplify rounding). CPU, float32,
+inference only (:func:`eligible`).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .eager import plain_eager
+
+LEAKY_SLOPE = 0.2
+
+# (B^T, G, A^T) per output tile size m
+_MATRICES = {
+    2: ([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+        [[1, 1, 1, 0], [0, 1, -1, -1]]),
+    4: ([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+         [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
+}
+
+_WEIGHTS: dict = {}  # (id(weight), m) -> (weakref, (version, data_ptr), U [(m+2)^2, Cin, Cout])
+
+
+def tile_size(cin: int, cout: int, height: int, width: int) -> Optional[int]:
+    """The Winograd output tile (4 or 2) that beats oneDNN's direct conv for this shape, or
+    None. Measured per FILM conv shape (published model at 256x256 and 512x512, built-in
+    model at 1024x768, `benchmarks/winograd_sweep.py`): F(4x4) needs room for its
+    6x6 tiles and channels for its 36 GEMMs to amortise the transforms; below 32x32 F(2x2)'s
+    fewer, cheaper transforms win (e.g. 1920->256 at 16x16: F(2x2) 1.47x, F(4x4) 1.32x; at
+    4x4: 1.39x and 0.59x); convs into 64 channels (384->64, 202->64, ...) stay direct
+    (0.7-1.2x)."""
+    if cin < 128 or cout < 128:
+        return None
+    pixels = height * width
+    if cin >= 256 and cout >= 256:
+        if pixels >= 32 * 32:
+            return 4
+        return 2 if height >= 2 and width >= 2 else None
+    return 4 if pixels >= 48 * 64 else None
+
+
+def eligible(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """CPU fp32 inference of a wide 3x3 conv, outside tracing."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if weight.dim() != 4 or tuple(weight.shape[-2:]) != (3, 3) or x.dim() != 4:
+        return False
+    if bias is not None and bias.dtype != torch.float32:
+        return False
+    if tile_size(weight.shape[1], weight.shape[0], x.shape[2], x.shape[3]) is None:
+        return False
+    if not plain_eager(x, weight, bias):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))
+
+
+def transformed_weight(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """``U[k] = (G g G^T)[i, j]`` for ``k = (m + 2) i + j``: ``[(m + 2)^2, Cin, Cout]``,
+    computed in float64 and cached per weight tensor, version and tile size (transforming a
+    2442 x 512 kernel takes ~0.1 s)."""
+    key = (weight._version, weight.data_ptr())
+    # (keyed per tile size too: shared weights run F(4x4) at fine levels, F(2x2) at coarse ones)
+    hit = _WEIGHTS.get((id(weight), m))
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        return hit[2]
+    with torch.inference_mode(False), torch.no_grad():
+        g = torch.tensor(_MATRICES[m][1], dtype=torch.float64)
+        u = g @ weight.detach().double() @ g.T  # [Cout, Cin, m + 2, m + 2]
+        t = m + 2
+        u = u.permute(2, 3, 1, 0).reshape(t * t, weight.shape[1], weight.shape[0])
+        u = u.to(torch.float32).contiguous()
+    if len(_WEIGHTS) > 256:
+        _WEIGHTS.clear()
+    _WEIGHTS[(id(weight), m)] = (weakref.ref(weight), key, u)
+    return u
+
+
+def _combine(terms: Sequence[torch.Tensor], coefs: Sequence[float], out: torch.Tensor) -> None:
+    """``out = sum_k coefs[k] * terms[k]`` over the nonzero coefficients, in as few ops as the
+    coefficients allow (a +-1 pair is one add or sub)."""
+    nz = [(float(c), t) for c, t in zip(coefs, terms) if c != 0]
+    nz.sort(key=lambda ct: ct[0] != 1)  # a unit coefficient first saves the scaling pass
+    (c0, t0), rest = nz[0], nz[1:]
+    if not rest:
+        torch.mul(t0, c0, out=out)
+        return
+    (c1, t1), rest = rest[0], rest[1:]
+    if c0 == 1:
+        torch.add(t0, t1, alpha=c1, out=out)
+    elif c1 == 1:
+        torch.add(t1, t0, alpha=c0, out=out)
+    else:
+        torch.mul(t0, c0, out=out).add_(t1, alpha=c1)
+    for c, t in rest:
+        out.add_(t, alpha=c)
+
+
+def _input_transform(x: torch.Tensor, m: int, tiles_y: int, tiles_x: int) -> torch.Tensor:
+    """``B^T d B`` of every input tile: ``[(m + 2)^2, B * tiles_y * tiles_x, Cin]``."""
+    b, c, h, w = x.shape
+    t = m + 2
+    bt: List[List[float]] = _MATRICES[m][0]
+    # zero 'same' padding (1 px), plus what rounds the size up to whole tiles at the bottom/right
+    xp = x.new_zeros(b, m * tiles_y + 2, m * tiles_x + 2, c)
+    xp[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
+    rows = [xp[:, k:k + m * tiles_y:m] for k in range(t)]  # tile rows m ty + k: [B, TY, Wp, C]
+    r = x.new_empty(t, b, tiles_y, xp.shape[2], c)
+    for i in range(t):
+        _combine(rows, bt[i], r[i])
+    v = x.new_empty(t, t, b, tiles_y, tiles_x, c)
+    for i in range(t):
+        cols = [r[i][:, :, k:k + m * tiles_x:m] for k in range(t)]  # tile columns m tx + k
+        for j in range(t):
+            _combine(cols, bt[j], v[i, j])
+    return v.view(t * t, b * tiles_y * tiles_x, c)
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            activation: Optional[str] = None, m: Optional[int] = None) -> torch.Tensor:
+    """Stride-1 'same' 3x3 conv + bias + optional LeakyReLU(0.2), as
+    :func:`film_fast.ops.reference.conv2d`, by F(m x m, 3x3) (``m`` = 2 or 4; default:
+    :func:`tile_size`'s choice, else 4).
+
+    Args:
+        x: ``[B, Cin, H, W]`` float32, any strides (NHWC reads fastest).
+        weight: ``[Cout, Cin, 3, 3]``; bias: ``[Cout]`` or None.
+    Returns:
+        ``[B, Cout, H, W]`` channels_last (dense).
+    """
+    if activation not in (None, "leaky_relu"):
+        raise ValueError(f"unknown activation {activation!r}; expected None or 'leaky_relu'")
+    b, _, h, w = x.shape
+    cout = weight.shape[0]
+    if m is None:
+        m = tile_size(weight.shape[1], cout, h, w) or 4
+    t = m + 2
+    at: List[List[float]] = _MATRICES[m][2]
+    ty, tx = -(-h // m), -(-w // m)
+    prod = torch.bmm(_input_transform(x, m, ty, tx), transformed_weight(weight, m))
+    prod = prod.view(t, t, b, ty, tx, cout)
+    if bias is not None:
+        # Column 1 of A^T is all ones (both m), so A^T E A with E = the bias at (1, 1) adds it
+        # to every output pixel of the tile: a pass over 1/m^2 of the output instead of all
+        prod[1, 1] += bias
+    # A^T M A separably: rows (i -> a), then columns (j -> b)
+    s = prod.new_empty(m, t, b, ty, tx, cout)
+    rows = [prod[i] for i in range(t)]
+    for a in range(m):
+        _combine(rows, at[a], s[a])
+    full = prod.new_empty(b, m * ty, m * tx, cout)
+    o = full.view(b, ty, m, tx, m, cout)
+    for a in range(m):
+        cols = [s[a, j] for j in range(t)]
+        for p in range(m):
+            _combine(cols, at[p], o[:, :, a, :, p])
+    if activation == "leaky_relu":
+        F.leaky_relu_(full, LEAKY_SLOPE)
+    if (m * ty, m * tx) != (h, w):
+        full = full[:, :h, :w].contiguous()
+    return full.permute(0, 3, 1, 2)

@@ -1,0 +1,131 @@
+"""Winograd F(2x2, 3x3) / F(4x4, 3x3) convolutions (film_fast.ops.winograd) against float64
+direct convolution, the shape rule, and the whole model with and without the CPU fast paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import film_fast
+import film_fast.ops as ops
+from film_fast.ops import eager, reference, winograd
+
+CL = torch.channels_last
+# max error over the output's largest magnitude, against float64 (see the module docstring):
+# oneDNN's direct fp32 conv reaches 1e-6..4e-6 on these shapes
+BOUND = {2: 2e-6, 4: 2e-5}
+
+
+def _case(b, cin, cout, h, w, seed=0, layout="cl"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, cin, h, w, generator=g)
+    if layout == "cl":
+        x = x.contiguous(memory_format=CL)
+    elif layout == "slice":  # a channel slice of a wider channels_last buffer
+        buf = torch.randn(b, cin + 7, h, w, generator=g).contiguous(memory_format=CL)
+        buf[:, 4:4 + cin].copy_(x)
+        x = buf[:, 4:4 + cin]
+    weight = torch.randn(cout, cin, 3, 3, generator=g) * (1.0 / (9 * cin)) ** 0.5
+    bias = torch.randn(cout, generator=g)
+    return x, weight, bias
+
+
+def _rel_err(got, x, weight, bias, activation):
+    truth = reference.conv2d(x.double(), weight.double(), bias.double(), activation)
+    return ((got.double() - truth).abs().max() / truth.abs().max()).item()
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("shape", [
+    (1, 256, 256, 8, 8),     # whole tiles
+    (2, 300, 260, 7, 9),     # odd sizes, batch 2: partial tiles at the bottom/right
+    (1, 64, 32, 2, 3),       # smaller than one 4x4 tile
+    (3, 17, 5, 13, 6),       # any channel counts work (the rule decides when it pays)
+    (1, 130, 140, 1, 5),     # a single row
+])
+@pytest.mark.parametrize("activation", [None, "leaky_relu"])
+def test_winograd_matches_float64_direct_conv(m, shape, activation):
+    x, weight, bias = _case(*shape)
+    got = winograd.conv3x3(x, weight, bias, activation, m=m)
+    assert got.shape == (shape[0], shape[2], shape[3], shape[4])
+    assert got.is_contiguous(memory_format=CL) and got.dtype == torch.float32
+    assert _rel_err(got, x, weight, bias, activation) <= BOUND[m]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "slice"])
+def test_winograd_reads_any_input_strides_and_no_bias(layout):
+    x, weight, _ = _case(2, 40, 24, 9, 11, seed=3, layout=layout)
+    got = winograd.conv3x3(x, weight, None, "leaky_relu", m=4)
+    truth = reference.conv2d(x.double(), weight.double(), None, "leaky_relu")
+    assert ((got.double() - truth).abs().max() / truth.abs().max()).item() <= BOUND[4]
+
+
+def test_winograd_rejects_unknown_activation():
+    x, weight, bias = _case(1, 8, 8, 4, 4)
+    with pytest.raises(ValueError, match="unknown activation"):
+        winograd.conv3x3(x, weight, bias, "relu")
+
+
+def test_transformed_weight_follows_in_place_updates_and_tile_size():
+    weight = torch.randn(4, 3, 3, 3)
+    u4 = winograd.transformed_weight(weight, 4)
+    assert u4.shape == (36, 3, 4)
+    assert winograd.transformed_weight(weight, 4) is u4  # cached
+    u2 = winograd.transformed_weight(weight, 2)
+    assert u2.shape == (16, 3, 4)
+    # U[(1, 1)] of F(2x2) is the sum of the kernel's taps scaled by 1/4
+    torch.testing.assert_close(u2[5], weight.sum(dim=(2, 3)).T / 4)
+    with torch.no_grad():
+        weight.mul_(-1)
+    torch.testing.assert_close(winograd.transformed_weight(weight, 2), -u2)
+
+
+def test_tile_size_rule():
+    t = winograd.tile_size
+    assert t(2442, 512, 64, 64) == 4 and t(1920, 256, 32, 32) == 4
+    assert t(1920, 256, 16, 16) == 2 and t(512, 512, 4, 4) == 2  # F(2x2) below 32x32
+    assert t(896, 128, 128, 128) == 4 and t(128, 128, 256, 256) == 4
+    assert t(128, 128, 32, 32) is None  # narrow and small: direct
+    assert t(202, 64, 512, 512) is None and t(384, 64, 256, 256) is None  # into 64 channels
+    assert t(64, 64, 512, 512) is None
+    assert t(512, 512, 1, 8) is None
+
+
+def test_torch_backend_conv_uses_winograd_for_wide_layers_only_without_autograd():
+    x, weight, bias = _case(1, 256, 256, 32, 32, seed=5)
+    calls = []
+    original = winograd.conv3x3
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape)
+        return original(*args, **kwargs)
+
+    winograd.conv3x3 = spy
+    try:
+        with torch.no_grad():
+            y = ops.conv2d(x, weight, bias, "leaky_relu", backend="torch")
+            narrow = _case(1, 64, 64, 32, 32)
+            ops.conv2d(*narrow, "leaky_relu", backend="torch")
+            with eager.reference_only():
+                ops.conv2d(x, weight, bias, "leaky_relu", backend="torch")
+        x.requires_grad_(True)
+        ops.conv2d(x, weight, bias, "leaky_relu", backend="torch").sum().backward()
+    finally:
+        winograd.conv3x3 = original
+    assert calls == [weight.shape]  # only the wide, no-grad, fast-paths-on call
+    assert _rel_err(y, x.detach(), weight, bias, "leaky_relu") <= BOUND[4]
+    assert x.grad is not None
+
+
+def test_published_model_with_cpu_fast_paths_matches_the_reference_graph():
+    """Random published weights at 128x128: every fast path runs (Winograd F(4x4) and F(2x2)
+    layers, the gather warps, the phase up-convs) against the same graph on the reference
+    ops. A wrong tap or tile would show up as an error of order 1e-2."""
+    torch.manual_seed(0)
+    model = film_fast.FILM().eval()
+    g = torch.Generator().manual_seed(1)
+    x0, x1 = torch.rand(1, 3, 128, 128, generator=g), torch.rand(1, 3, 128, 128, generator=g)
+    with torch.inference_mode():
+        fast = model(x0, x1, 0.5)
+        with eager.reference_only():
+            ref = model(x0, x1, 0.5)
+    assert (fast - ref).abs().max().item() < 1e-4
