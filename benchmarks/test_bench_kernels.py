@@ -1,6 +1,5 @@
 """Every hot-path op x backend x dtype x pass at the published model's real per-level shapes."""
 import pytest
-import torch
 
 from film_fast import kernel_bench
 

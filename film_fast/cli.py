@@ -37,7 +37,6 @@ from . import __version__, evaluation
 from .api import load, resolve_device, resolve_dtype
 from .checkpoints import read_checkpoint, save_safetensors
 from .errors import CheckpointError, FilmFastError, InputError
-from .flops import conv_flops
 from .prefetch import prefetch
 from .imageio import read_image, write_image
 from .interpolation import MAX_TIMES_TO_INTERPOLATE, frame_times, iter_frames, resolve_schedule

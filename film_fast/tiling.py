@@ -193,6 +193,26 @@ def estimate_bytes(options: Options, height: int, width: int, *, dtype=torch.flo
     return int(elem * pixels * live)
 
 
+def cpu_fast_path_reserve(options: Options, device, dtype=torch.float32) -> int:
+    """Bytes the CPU fp32 fast paths hold apart from the live tensors :func:`estimate_bytes`
+    counts, for a model with ``options``: Winograd's cached transformed weights (F(4x4)
+    kernels are 36/9 the size of the 3x3 ones, and shared weights also keep an F(2x2) copy:
+    16/9; bounded here by 6x the weights of the convs wide enough for Winograd, ~0.8 GB for
+    the published model) and one band of its temporaries. 0 where no conv qualifies."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        return 0
+    from .layers import Conv  # (the graph imports nothing from here)
+    from .model import FILM
+    from .ops import winograd
+    with torch.device("meta"):
+        convs = [m for m in FILM(options).modules() if isinstance(m, Conv)]
+    wide = [c for c in convs if c.kernel_size == 3
+            and winograd.tile_size(c.in_channels, c.out_channels, 64, 64) is not None]
+    if not wide:
+        return 0
+    return 6 * 4 * sum(c.weight.numel() for c in wide) + winograd.BAND_BYTES
+
+
 def available_bytes(device: Union[str, torch.device]) -> int:
     """Free memory on ``device`` (see the module docstring); 0 when it cannot be read."""
     device = torch.device(device)
@@ -259,11 +279,14 @@ def choose_tiling(tile: Union[None, str, int], options: Options, height: int, wi
     if budget is None:
         override = env_budget_override()
         budget = memory_budget(device) if override is None else override
+    known = budget > 0  # (0: free memory unknown)
+    if known:
+        budget = max(budget - cpu_fast_path_reserve(options, device, dtype), 0)
     budget = int(budget / PEAK_FACTOR)  # estimate_bytes counts live tensors only
     if isinstance(tile, str):
         if tile != "auto":
             raise InputError(f"tile must be 'auto', 'off' or a size in pixels, got {tile!r}")
-        if budget <= 0:  # unknown memory: assume it fits
+        if not known:  # unknown memory: assume it fits
             return Tiling(None, True)
         full = make_grid(height, width, None)
         if _grid_fits(options, full, dtype=dtype, batch=batch, held=held, reuse=True,
@@ -284,7 +307,7 @@ def choose_tiling(tile: Union[None, str, int], options: Options, height: int, wi
     grid = make_grid(height, width, size)
     if grid.full_frame:
         return Tiling(None, True)
-    if budget <= 0:
+    if not known:
         return Tiling(size, True)
     reuse = _grid_fits(options, grid, dtype=dtype, batch=batch, held=held, reuse=True,
                        budget=budget)

@@ -116,11 +116,10 @@ class VideoError(FilmFastError):
 
 def _require_av():
     try:
-        import av  # noqa: F401
+        import av
     except ImportError:
         raise InputError("film-fast video needs PyAV: pip install av (or pip install "
                          "'film_fast[video]')") from None
-    import av
     av.logging.set_level(av.logging.ERROR)
     return av
 
@@ -1059,7 +1058,6 @@ def _run_job(args, dist_env: Dist, info: VideoInfo, out_abs: str, work: str, fmt
             return False
         return any(not os.path.exists(os.path.join(frames_dir, _frame_name(k))) for k in tags)
 
-    start = time.perf_counter()
     try:
         depth = manifest.get("bit_depth", 8)
         frames = decode_frames(info, on_pts, bit_depth=depth)

@@ -1,7 +1,6 @@
 """Checkpoint reading: formats, name maps, and clear errors for every kind of bad file."""
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import shutil

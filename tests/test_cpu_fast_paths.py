@@ -225,3 +225,19 @@ def test_slow_dtype_warnings_name_the_reason(monkeypatch):
     assert resolve_precision("auto", cpu) == "bf16"
     monkeypatch.setattr(cpu_features, "native_bf16", lambda: True)
     assert cpu_features.slow_dtype_reason(cpu, torch.bfloat16) is None
+
+
+def test_tiling_reserves_memory_for_the_winograd_caches():
+    from film_fast.tiling import choose_tiling, cpu_fast_path_reserve
+    published, builtin_like = film_fast.Options(), film_fast.Options(filters=16, flow_filters=(16, 32, 64, 64))
+    reserve = cpu_fast_path_reserve(published, "cpu")
+    assert 0.5e9 < reserve < 1.5e9  # 6x the wide 3x3 weights + one band
+    assert cpu_fast_path_reserve(published, "cpu", torch.bfloat16) == 0
+    assert cpu_fast_path_reserve(published, "cuda") == 0
+    small = film_fast.Options(pyramid_levels=3, fusion_pyramid_levels=3, specialized_levels=1,
+                              sub_levels=2, filters=4, flow_convs=(1, 1), flow_filters=(4, 4))
+    assert cpu_fast_path_reserve(small, "cpu") == 0  # nothing wide enough for Winograd
+    assert 0 < cpu_fast_path_reserve(builtin_like, "cpu") < reserve
+    # a budget the reserve eats entirely is "does not fit", not "unknown"
+    tiling = choose_tiling("auto", published, 2160, 3840, device="cpu", budget=reserve // 2)
+    assert tiling.tile is not None and not tiling.reuse

@@ -231,10 +231,6 @@ def test_tiling_plumbing_is_exact_for_a_local_model(small_model):
             torch.testing.assert_close(a, b, atol=2e-7, rtol=0)
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return 10 * math.log10(1.0 / float(((a - b) ** 2).mean()))
-
-
 @pytest.mark.parametrize("tile, max_mae, min_psnr", [(128, 0.015, 30.0), (64, 0.06, 21.0)])
 def test_tiles_match_full_frame_on_real_motion(small_model, tile, max_mae, min_psnr):
     """drift frames 0 and 2 (a drifting car, ~10 px apart at 240x128), tiles vs full frame.

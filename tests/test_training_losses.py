@@ -64,7 +64,7 @@ def vgg_from_params(params, normalization="official"):
 def write_matconvnet(path, params):
     """A MatConvNet simplenn file: `layers` cell of structs, conv weights {[kh,kw,cin,cout], [cout,1]}."""
     import scipy.io
-    entries, block, n_in_block = [], 1, 0
+    entries = []
     for layer in NET:
         if layer[0] == "c":
             name = layer[1]

@@ -652,7 +652,6 @@ def test_out_slices_under_autograd_match_the_torch_backend(op_name, fill):
 
 
 def test_conv2d_levels_out_is_one_launch_without_copies(monkeypatch):
-    from film_fast.kernels.triton import conv2d as tconv
     from film_fast.profiling import count_launches
     xs = [prep(torch.randn(2, 5, 9, 11, generator=gen(1)), torch.float32, "nhwc", grad=False),
           prep(torch.randn(2, 5, 4, 5, generator=gen(2)), torch.float32, "nhwc", grad=False)]

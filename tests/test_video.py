@@ -4,7 +4,6 @@ real frames in tests/data/video with a sine-wave AAC track."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys

@@ -129,3 +129,30 @@ def test_published_model_with_cpu_fast_paths_matches_the_reference_graph():
         with eager.reference_only():
             ref = model(x0, x1, 0.5)
     assert (fast - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_bands_of_tile_rows_match_one_pass(m, monkeypatch):
+    """Large convs run in bands of tile rows (bounded temporaries): a tiny budget forces one
+    tile row per band, including the partial last one, with the same result."""
+    # the default budget: a 4K level-1 fusion conv (522->128 at 1920x1080) in bands of 3 tile
+    # rows (~230 MB of temporaries each instead of ~16 GB at once)
+    assert winograd._band_rows(4, 1, 270, 480, 522, 128) == 3
+    x, weight, bias = _case(2, 24, 20, 23, 10, seed=9)
+    whole = winograd.conv3x3(x, weight, bias, "leaky_relu", m=m)
+    monkeypatch.setattr(winograd, "BAND_BYTES", 1)
+    assert winograd._band_rows(m, 2, 6, 3, 24, 20) == 1
+    banded = winograd.conv3x3(x, weight, bias, "leaky_relu", m=m)
+    torch.testing.assert_close(banded, whole, rtol=0, atol=0)
+
+
+def test_transformed_weights_are_dropped_with_their_weight():
+    import gc
+    weight = torch.randn(8, 8, 3, 3)
+    winograd.transformed_weight(weight, 4)
+    winograd.transformed_weight(weight, 2)
+    key = id(weight)
+    assert (key, 4) in winograd._WEIGHTS and (key, 2) in winograd._WEIGHTS
+    del weight
+    gc.collect()
+    assert (key, 4) not in winograd._WEIGHTS and (key, 2) not in winograd._WEIGHTS

@@ -87,7 +87,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise TorchScriptFormatError(f"{self.path}: unsupported persistent id {pid!r}")
-        storage_type, key, _location, numel = pid[1], str(pid[2]), pid[3], int(pid[4])
+        storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
         if key not in self.storages:
             name = f"{self.root}/data/{key}"
             try:

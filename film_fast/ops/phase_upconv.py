@@ -73,8 +73,8 @@ def phase_weights(weight: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         cols = k[:, :, :, 0:1] + k[:, :, :, 1:2]  # [Cout, Cin, 2, 1]: summed over dx
         one = rows[:, :, :, 0:1] + rows[:, :, :, 1:2]
         phases = tuple(t.contiguous() for t in (one, rows, cols, k))
-    if len(_PHASES) > 256:
-        _PHASES.clear()
+    if id(weight) not in _PHASES:
+        weakref.finalize(weight, _PHASES.pop, id(weight), None)  # dropped with the weight
     _PHASES[id(weight)] = (weakref.ref(weight), key, phases)
     return phases
 

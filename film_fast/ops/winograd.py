@@ -37,6 +37,10 @@ import torch.nn.functional as F
 from .eager import plain_eager
 
 LEAKY_SLOPE = 0.2
+# Temporaries of one band of tile rows (see conv3x3): large enough that the batched GEMMs keep
+# their rate (the published model at 512x512 runs every conv in one or two bands), small
+# enough for 4K frames
+BAND_BYTES = 256 * 2 ** 20
 
 # (B^T, G, A^T) per output tile size m
 _MATRICES = {
@@ -102,8 +106,9 @@ def transformed_weight(weight: torch.Tensor, m: int) -> torch.Tensor:
         t = m + 2
         u = u.permute(2, 3, 1, 0).reshape(t * t, weight.shape[1], weight.shape[0])
         u = u.to(torch.float32).contiguous()
-    if len(_WEIGHTS) > 256:
-        _WEIGHTS.clear()
+    if (id(weight), m) not in _WEIGHTS:
+        # drop the entry with the weight (a published model holds ~0.5 GB of them)
+        weakref.finalize(weight, _WEIGHTS.pop, (id(weight), m), None)
     _WEIGHTS[(id(weight), m)] = (weakref.ref(weight), key, u)
     return u
 
@@ -128,24 +133,37 @@ def _combine(terms: Sequence[torch.Tensor], coefs: Sequence[float], out: torch.T
         out.add_(t, alpha=c)
 
 
-def _input_transform(x: torch.Tensor, m: int, tiles_y: int, tiles_x: int) -> torch.Tensor:
-    """``B^T d B`` of every input tile: ``[(m + 2)^2, B * tiles_y * tiles_x, Cin]``."""
+def _input_transform(x: torch.Tensor, m: int, ty0: int, ty1: int, tiles_x: int) -> torch.Tensor:
+    """``B^T d B`` of the input tiles in tile rows ``[ty0, ty1)``:
+    ``[(m + 2)^2, B * (ty1 - ty0) * tiles_x, Cin]``."""
     b, c, h, w = x.shape
     t = m + 2
     bt: List[List[float]] = _MATRICES[m][0]
-    # zero 'same' padding (1 px), plus what rounds the size up to whole tiles at the bottom/right
-    xp = x.new_zeros(b, m * tiles_y + 2, m * tiles_x + 2, c)
-    xp[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
-    rows = [xp[:, k:k + m * tiles_y:m] for k in range(t)]  # tile rows m ty + k: [B, TY, Wp, C]
-    r = x.new_empty(t, b, tiles_y, xp.shape[2], c)
+    n = ty1 - ty0
+    # The band's input rows m ty0 - 1 ... m ty1 (zero 'same' padding of 1 px outside the image,
+    # and zeros where the size is rounded up to whole tiles at the bottom/right)
+    xp = x.new_zeros(b, m * n + 2, m * tiles_x + 2, c)
+    top = m * ty0 - 1
+    lo, hi = max(top, 0), min(m * ty1 + 1, h)
+    xp[:, lo - top:hi - top, 1:w + 1].copy_(x[:, :, lo:hi].permute(0, 2, 3, 1))
+    rows = [xp[:, k:k + m * n:m] for k in range(t)]  # tile rows m ty + k: [B, n, Wp, C]
+    r = x.new_empty(t, b, n, xp.shape[2], c)
     for i in range(t):
         _combine(rows, bt[i], r[i])
-    v = x.new_empty(t, t, b, tiles_y, tiles_x, c)
+    v = x.new_empty(t, t, b, n, tiles_x, c)
     for i in range(t):
         cols = [r[i][:, :, k:k + m * tiles_x:m] for k in range(t)]  # tile columns m tx + k
         for j in range(t):
             _combine(cols, bt[j], v[i, j])
-    return v.view(t * t, b * tiles_y * tiles_x, c)
+    return v.view(t * t, b * n * tiles_x, c)
+
+
+def _band_rows(m: int, batch: int, tiles_y: int, tiles_x: int, cin: int, cout: int) -> int:
+    """Tile rows per band so that a band's temporaries stay within :data:`BAND_BYTES`."""
+    t = m + 2
+    # per tile row: xp + r (~t m), v (t^2) per input channel; prod (t^2) + s (t m) per output one
+    per_row = 4 * batch * tiles_x * (cin * (t * m + t * t) + cout * (t * t + t * m))
+    return max(1, min(tiles_y, BAND_BYTES // max(per_row, 1)))
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -153,6 +171,11 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     """Stride-1 'same' 3x3 conv + bias + optional LeakyReLU(0.2), as
     :func:`film_fast.ops.reference.conv2d`, by F(m x m, 3x3) (``m`` = 2 or 4; default:
     :func:`tile_size`'s choice, else 4).
+
+    The transforms expand the data (F(4x4): the tiles hold 2.25x the input, the products
+    2.25x the output), so large convs run in horizontal bands of tile rows whose temporaries
+    stay within :data:`BAND_BYTES` (a 4K level-1 fusion conv, 522->128 at 1920x1080, would
+    otherwise need ~16 GB of them).
 
     Args:
         x: ``[B, Cin, H, W]`` float32, any strides (NHWC reads fastest).
@@ -162,32 +185,42 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     """
     if activation not in (None, "leaky_relu"):
         raise ValueError(f"unknown activation {activation!r}; expected None or 'leaky_relu'")
-    b, _, h, w = x.shape
+    b, cin, h, w = x.shape
     cout = weight.shape[0]
     if m is None:
-        m = tile_size(weight.shape[1], cout, h, w) or 4
-    t = m + 2
-    at: List[List[float]] = _MATRICES[m][2]
+        m = tile_size(cin, cout, h, w) or 4
     ty, tx = -(-h // m), -(-w // m)
-    prod = torch.bmm(_input_transform(x, m, ty, tx), transformed_weight(weight, m))
-    prod = prod.view(t, t, b, ty, tx, cout)
-    if bias is not None:
-        # Column 1 of A^T is all ones (both m), so A^T E A with E = the bias at (1, 1) adds it
-        # to every output pixel of the tile: a pass over 1/m^2 of the output instead of all
-        prod[1, 1] += bias
-    # A^T M A separably: rows (i -> a), then columns (j -> b)
-    s = prod.new_empty(m, t, b, ty, tx, cout)
-    rows = [prod[i] for i in range(t)]
-    for a in range(m):
-        _combine(rows, at[a], s[a])
-    full = prod.new_empty(b, m * ty, m * tx, cout)
-    o = full.view(b, ty, m, tx, m, cout)
-    for a in range(m):
-        cols = [s[a, j] for j in range(t)]
-        for p in range(m):
-            _combine(cols, at[p], o[:, :, a, :, p])
+    u = transformed_weight(weight, m)
+    full = x.new_empty(b, m * ty, m * tx, cout)
+    band = _band_rows(m, b, ty, tx, cin, cout)
+    for ty0 in range(0, ty, band):
+        ty1 = min(ty0 + band, ty)
+        _band(x, u, bias, m, ty0, ty1, tx, full[:, m * ty0:m * ty1])
     if activation == "leaky_relu":
         F.leaky_relu_(full, LEAKY_SLOPE)
     if (m * ty, m * tx) != (h, w):
         full = full[:, :h, :w].contiguous()
     return full.permute(0, 3, 1, 2)
+
+
+def _band(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor], m: int, ty0: int,
+          ty1: int, tiles_x: int, out: torch.Tensor) -> None:
+    """Output tile rows ``[ty0, ty1)`` into ``out [B, m (ty1 - ty0), m tiles_x, Cout]``."""
+    b, n, cout = x.shape[0], ty1 - ty0, u.shape[2]
+    t = m + 2
+    at: List[List[float]] = _MATRICES[m][2]
+    prod = torch.bmm(_input_transform(x, m, ty0, ty1, tiles_x), u).view(t, t, b, n, tiles_x, cout)
+    if bias is not None:
+        # Column 1 of A^T is all ones (both m), so A^T E A with E = the bias at (1, 1) adds it
+        # to every output pixel of the tile: a pass over 1/m^2 of the output instead of all
+        prod[1, 1] += bias
+    # A^T M A separably: rows (i -> a), then columns (j -> p)
+    s = prod.new_empty(m, t, b, n, tiles_x, cout)
+    rows = [prod[i] for i in range(t)]
+    for a in range(m):
+        _combine(rows, at[a], s[a])
+    o = out.view(b, n, m, tiles_x, m, cout)
+    for a in range(m):
+        cols = [s[a, j] for j in range(t)]
+        for p in range(m):
+            _combine(cols, at[p], o[:, :, a, :, p])

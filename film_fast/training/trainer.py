@@ -26,7 +26,6 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from ..cpu_features import native_bf16, warn_if_slow
