@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from film_fast.evaluation import psnr as eval_psnr
 from film_fast.training.losses import (OFFICIAL_SCHEDULES, PerceptualLoss, PiecewiseConstant, StyleLoss,
-                                       TrainingLoss, VGG19Features, VGGWeightsError, l1_loss, load_vgg19,
+                                       TrainingLoss, VGG19Features, VGGWeightsError, l1_loss, l2_loss, load_vgg19,
                                        official_schedule, save_vgg19)
 
 # The official default layer weights, written out here rather than imported.
@@ -159,6 +160,19 @@ def test_l1_matches_hand_computation():
     total, terms = TrainingLoss({"l1": 1.0})(pred, target, step=0)
     assert total.item() == pytest.approx(10.5 / 12)
     assert set(terms) == {"l1"}
+
+
+def test_l2_matches_hand_computation_and_psnr():
+    pred = torch.zeros(1, 3, 2, 2)
+    target = torch.tensor([0.5, -1.0, 2.0, 0.0] * 3).view(1, 3, 2, 2)
+    # 0.25 + 1 + 4 + 0 = 5.25 per channel; 12 elements in all -> 15.75 / 12.
+    assert l2_loss(pred, target).item() == pytest.approx(15.75 / 12)
+    total, terms = TrainingLoss({"l1": 0.5, "l2": 2.0})(pred, target, step=0)
+    assert set(terms) == {"l1", "l2"}
+    assert total.item() == pytest.approx(0.5 * 10.5 / 12 + 2.0 * 15.75 / 12)
+    # PSNR (peak 1) is -10 log10 of this mean.
+    a, b = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 3, 8, 8)
+    assert -10 * math.log10(l2_loss(a, b).item()) == pytest.approx(eval_psnr(a, b).item(), rel=1e-6)
 
 
 def test_piecewise_constant_boundary_semantics():

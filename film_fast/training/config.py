@@ -20,8 +20,9 @@ Example (``configs/film_fast_default.json`` trains the built-in model)::
 
 ``loss`` is ``"L1" | "VGG" | "Style"`` (the official schedules, see
 :data:`film_fast.training.losses.OFFICIAL_SCHEDULES`) or an explicit
-``{"l1": {"boundaries": [...], "values": [...]}, "vgg": ..., "style": ...}``;
-VGG and Style need ``vgg_path``.
+``{"l1": {"boundaries": [...], "values": [...]}, "l2": ..., "vgg": ..., "style": ...}``
+(``l2``, the mean squared error, is not in the official configs); VGG and Style need
+``vgg_path``.
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from .data import (Augment, FolderTriplets, SyntheticMotion, TripletSampler, Tri
                    VideoTriplets, VimeoTriplets, sample_rng)
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})\.safetensors$")
-CSV_FIELDS = ["step", "lr", "loss", "l1", "l1_warped", "vgg", "style", "train_psnr", "val_psnr",
+CSV_FIELDS = ["step", "lr", "loss", "l1", "l2", "l1_warped", "vgg", "style", "train_psnr", "val_psnr",
               "val_avg_psnr", "samples_per_s", "elapsed_s"]
 META_KEY = "film_fast.training"
 # The sample stream of validation crops: a "step" no training run reaches (2**32 - 1).
