@@ -210,7 +210,7 @@ def cpu_fast_path_reserve(options: Options, device, dtype=torch.float32) -> int:
             and winograd.tile_size(c.in_channels, c.out_channels, 64, 64) is not None]
     if not wide:
         return 0
-    return 6 * 4 * sum(c.weight.numel() for c in wide) + winograd.BAND_BYTES
+    return 6 * 4 * sum(c.weight.numel() for c in wide) + winograd.MAX_BAND_BYTES
 
 
 def available_bytes(device: Union[str, torch.device]) -> int:

@@ -135,12 +135,18 @@ def test_published_model_with_cpu_fast_paths_matches_the_reference_graph():
 def test_winograd_bands_of_tile_rows_match_one_pass(m, monkeypatch):
     """Large convs run in bands of tile rows (bounded temporaries): a tiny budget forces one
     tile row per band, including the partial last one, with the same result."""
-    # the default budget: a 4K level-1 fusion conv (522->128 at 1920x1080) in bands of 3 tile
-    # rows (~230 MB of temporaries each instead of ~16 GB at once)
-    assert winograd._band_rows(4, 1, 270, 480, 522, 128) == 3
+    # the default budgets: a 4K level-1 fusion conv (522->128 at 1920x1080) one tile row per
+    # band (~75 MB of temporaries each instead of ~16 GB at once); the 512x512 level-1 one in
+    # bands of 6 tile rows (~60 MB: near the cache); the published 2442->512 fusion conv at 64x64 (its
+    # transformed weight is 180 MB) in one band; never more than MAX_BAND_BYTES
+    assert winograd._band_rows(4, 1, 270, 480, 522, 128) == 1
+    assert winograd._band_rows(4, 1, 64, 64, 522, 128) == 6
+    assert winograd._band_rows(4, 1, 16, 16, 2442, 512) == 16
+    assert winograd.band_budget(4, 2442, 2442) == winograd.MAX_BAND_BYTES
     x, weight, bias = _case(2, 24, 20, 23, 10, seed=9)
     whole = winograd.conv3x3(x, weight, bias, "leaky_relu", m=m)
     monkeypatch.setattr(winograd, "BAND_BYTES", 1)
+    monkeypatch.setattr(winograd, "MAX_BAND_BYTES", 1)
     assert winograd._band_rows(m, 2, 6, 3, 24, 20) == 1
     banded = winograd.conv3x3(x, weight, bias, "leaky_relu", m=m)
     torch.testing.assert_close(banded, whole, rtol=0, atol=0)

@@ -37,10 +37,17 @@ import torch.nn.functional as F
 from .eager import plain_eager
 
 LEAKY_SLOPE = 0.2
-# Temporaries of one band of tile rows (see conv3x3): large enough that the batched GEMMs keep
-# their rate (the published model at 512x512 runs every conv in one or two bands), small
-# enough for 4K frames
-BAND_BYTES = 256 * 2 ** 20
+# Temporaries of one band of tile rows (see conv3x3). Every band streams the whole transformed
+# weight U through its 36 GEMMs again, so wide-weight convs want few bands; otherwise smaller
+# bands cost little and hold less memory. Measured on the 2-core AMD EPYC, one conv, ms, band
+# budget 256 / 64 / 32 MiB: with film_fast's malloc policy (cpu_memory "reuse") 522->128 at
+# 256x256 236 / 223 / 244, 128->128 at 256x256 78 / 76 / 87, 2442->512 at 64x64 162 / 160 /
+# 160; with glibc's defaults (FILM_FAST_CPU_MALLOC=system: each band's temporaries are fresh
+# mmaps, i.e. page faults) 489 / 233 / 244 and 206 / 77 / 77. Hence BAND_BYTES, raised to twice
+# U's size for wide-weight convs, up to MAX_BAND_BYTES (which bounds memory: a 4K level-1
+# fusion conv, 522->128 at 1920x1080, needs ~16 GB of temporaries in one band).
+BAND_BYTES = 64 * 2 ** 20
+MAX_BAND_BYTES = 256 * 2 ** 20
 
 # (B^T, G, A^T) per output tile size m
 _MATRICES = {
@@ -159,11 +166,19 @@ def _input_transform(x: torch.Tensor, m: int, ty0: int, ty1: int, tiles_x: int) 
 
 
 def _band_rows(m: int, batch: int, tiles_y: int, tiles_x: int, cin: int, cout: int) -> int:
-    """Tile rows per band so that a band's temporaries stay within :data:`BAND_BYTES`."""
+    """Tile rows per band so that a band's temporaries stay within :func:`band_budget`."""
     t = m + 2
     # per tile row: xp + r (~t m), v (t^2) per input channel; prod (t^2) + s (t m) per output one
     per_row = 4 * batch * tiles_x * (cin * (t * m + t * t) + cout * (t * t + t * m))
-    return max(1, min(tiles_y, BAND_BYTES // max(per_row, 1)))
+    return max(1, min(tiles_y, band_budget(m, cin, cout) // max(per_row, 1)))
+
+
+def band_budget(m: int, cin: int, cout: int) -> int:
+    """Bytes of temporaries per band: :data:`BAND_BYTES`, or twice the transformed weight's
+    size ``4 (m + 2)^2 Cin Cout`` where that is larger (each band re-reads the weight: this
+    keeps that re-read under half the band's own traffic), at most :data:`MAX_BAND_BYTES`."""
+    u_bytes = 4 * (m + 2) ** 2 * cin * cout
+    return min(max(BAND_BYTES, 2 * u_bytes), MAX_BAND_BYTES)
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -174,8 +189,8 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 
     The transforms expand the data (F(4x4): the tiles hold 2.25x the input, the products
     2.25x the output), so large convs run in horizontal bands of tile rows whose temporaries
-    stay within :data:`BAND_BYTES` (a 4K level-1 fusion conv, 522->128 at 1920x1080, would
-    otherwise need ~16 GB of them).
+    stay within :func:`band_budget` (a 4K level-1 fusion conv, 522->128 at 1920x1080, would
+    otherwise need ~16 GB of them; smaller bands also keep the transforms in cache).
 
     Args:
         x: ``[B, Cin, H, W]`` float32, any strides (NHWC reads fastest).
