@@ -25,15 +25,15 @@ versions (``kernels/``).
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .eager import plain_eager
+from .weight_cache import DerivedWeights
 
-_PHASES: dict = {}  # id(weight) -> (weakref to it, (version, data_ptr), phase kernels)
+_PHASES = DerivedWeights()  # the four phase kernels per weight
 
 # (phase (a, b), padding of a symmetric conv, offset of the wanted rows/columns in its output)
 _LAYOUT = (((0, 0), (0, 0), (0, 0)), ((0, 1), (0, 1), (0, 1)),
@@ -63,20 +63,14 @@ def phase_weights(weight: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """The four phase kernels ``[Cout, Cin, kh, kw]`` (1x1, 1x2, 2x1, 2x2) of a 2x2 weight,
     cached per weight tensor and version (sums of up to 2.0 M-element slices per call
     otherwise)."""
-    key = (weight._version, weight.data_ptr())
-    hit = _PHASES.get(id(weight))
-    if hit is not None and hit[0]() is weight and hit[1] == key:
-        return hit[2]
-    with torch.inference_mode(False), torch.no_grad():
-        k = weight.detach()
-        rows = k[:, :, 0:1, :] + k[:, :, 1:2, :]  # [Cout, Cin, 1, 2]: summed over dy
-        cols = k[:, :, :, 0:1] + k[:, :, :, 1:2]  # [Cout, Cin, 2, 1]: summed over dx
-        one = rows[:, :, :, 0:1] + rows[:, :, :, 1:2]
-        phases = tuple(t.contiguous() for t in (one, rows, cols, k))
-    if id(weight) not in _PHASES:
-        weakref.finalize(weight, _PHASES.pop, id(weight), None)  # dropped with the weight
-    _PHASES[id(weight)] = (weakref.ref(weight), key, phases)
-    return phases
+    return _PHASES.get(weight, None, _phase_kernels)
+
+
+def _phase_kernels(k: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    rows = k[:, :, 0:1, :] + k[:, :, 1:2, :]  # [Cout, Cin, 1, 2]: summed over dy
+    cols = k[:, :, :, 0:1] + k[:, :, :, 1:2]  # [Cout, Cin, 2, 1]: summed over dx
+    one = rows[:, :, :, 0:1] + rows[:, :, :, 1:2]
+    return tuple(t.contiguous() for t in (one, rows, cols, k))
 
 
 def _conv(x: torch.Tensor, kernel: torch.Tensor, bias: Optional[torch.Tensor],

@@ -9,9 +9,9 @@ way, and fall back to the reference everywhere else:
   fusion): saves the separate activation pass (3% of a 512x512 frame) and runs
   the conv in its NHWC-blocked form. Only without autograd (it has no
   backward) and for fp32/bf16 (oneDNN's CPU dtypes).
-* wide 3x3 convs (both widths >= 256) in fp32 as Winograd F(2x2, 3x3)
-  (:mod:`film_fast.ops.winograd`): 2.25x fewer multiplies, 1.3-2.1x faster than oneDNN's
-  direct conv at FILM's coarse levels, without autograd.
+* wide 3x3 convs (both widths >= 128; the shape rule is :func:`film_fast.ops.winograd.tile_size`)
+  in fp32 as Winograd F(4x4, 3x3) or F(2x2, 3x3) (:mod:`film_fast.ops.winograd`): 4x or 2.25x
+  fewer multiplies, 1.4-3.2x faster than oneDNN's direct conv, without autograd.
 * a 2x2 TF-'same' conv (pad bottom/right) as a symmetric ``padding=1`` conv
   read from offset (1, 1): identical sums, no padded copy of the input.
 * the warp (and the flow estimator's upsample + warp) as one weighted row gather on CPU
@@ -31,16 +31,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..cpu_features import native_bf16
 from . import gather_warp, phase_upconv, reference, winograd
 
 _POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) \
     if hasattr(torch.ops, "mkldnn") else None
-
-
-def _onednn_bf16() -> bool:
-    """Whether oneDNN has a native bf16 path on this CPU (AVX512-BF16, AMX, AVX-NE-CONVERT)."""
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(probe()) if probe is not None else False
 
 
 def _onednn_fusable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -48,7 +43,7 @@ def _onednn_fusable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
         return False
-    if x.dtype == torch.bfloat16 and not _onednn_bf16():
+    if x.dtype == torch.bfloat16 and not native_bf16():
         return False  # the fused op raises on CPUs without AVX512-BF16/AMX (e.g. AMD Zen 3)
     if bias is not None and bias.dtype != x.dtype:
         return False

@@ -28,13 +28,13 @@ inference only (:func:`eligible`).
 """
 from __future__ import annotations
 
-import weakref
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .eager import plain_eager
+from .weight_cache import DerivedWeights
 
 LEAKY_SLOPE = 0.2
 # Temporaries of one band of tile rows (see conv3x3). Every band streams the whole transformed
@@ -61,7 +61,7 @@ _MATRICES = {
         [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
 }
 
-_WEIGHTS: dict = {}  # (id(weight), m) -> (weakref, (version, data_ptr), U [(m+2)^2, Cin, Cout])
+_WEIGHTS = DerivedWeights()  # U [(m+2)^2, Cin, Cout] per (weight, m)
 
 
 def tile_size(cin: int, cout: int, height: int, width: int) -> Optional[int]:
@@ -101,23 +101,17 @@ def eligible(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 def transformed_weight(weight: torch.Tensor, m: int) -> torch.Tensor:
     """``U[k] = (G g G^T)[i, j]`` for ``k = (m + 2) i + j``: ``[(m + 2)^2, Cin, Cout]``,
     computed in float64 and cached per weight tensor, version and tile size (transforming a
-    2442 x 512 kernel takes ~0.1 s)."""
-    key = (weight._version, weight.data_ptr())
-    # (keyed per tile size too: shared weights run F(4x4) at fine levels, F(2x2) at coarse ones)
-    hit = _WEIGHTS.get((id(weight), m))
-    if hit is not None and hit[0]() is weight and hit[1] == key:
-        return hit[2]
-    with torch.inference_mode(False), torch.no_grad():
-        g = torch.tensor(_MATRICES[m][1], dtype=torch.float64)
-        u = g @ weight.detach().double() @ g.T  # [Cout, Cin, m + 2, m + 2]
-        t = m + 2
-        u = u.permute(2, 3, 1, 0).reshape(t * t, weight.shape[1], weight.shape[0])
-        u = u.to(torch.float32).contiguous()
-    if (id(weight), m) not in _WEIGHTS:
-        # drop the entry with the weight (a published model holds ~0.5 GB of them)
-        weakref.finalize(weight, _WEIGHTS.pop, (id(weight), m), None)
-    _WEIGHTS[(id(weight), m)] = (weakref.ref(weight), key, u)
-    return u
+    2442 x 512 kernel takes ~0.1 s; shared weights run F(4x4) at fine levels, F(2x2) at
+    coarse ones)."""
+    return _WEIGHTS.get(weight, m, lambda w: _transform_weight(w, m))
+
+
+def _transform_weight(weight: torch.Tensor, m: int) -> torch.Tensor:
+    g = torch.tensor(_MATRICES[m][1], dtype=torch.float64)
+    u = g @ weight.double() @ g.T  # [Cout, Cin, m + 2, m + 2]
+    t = m + 2
+    u = u.permute(2, 3, 1, 0).reshape(t * t, weight.shape[1], weight.shape[0])
+    return u.to(torch.float32).contiguous()
 
 
 def _combine(terms: Sequence[torch.Tensor], coefs: Sequence[float], out: torch.Tensor) -> None:
