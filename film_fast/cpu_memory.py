@@ -62,8 +62,11 @@ def requested_mode() -> str:
 def configure(mode: str) -> bool:
     """Applies ``mode`` (``"reuse"`` or ``"system"``) to this process; True if glibc took it.
 
-    ``system`` restores glibc's defaults (mmap for large blocks, 128 KiB trim threshold) and
-    returns the free heap to the OS.
+    ``system`` restores glibc's default settings (mmap for large blocks, 128 KiB mmap and trim
+    thresholds) and returns the free heap to the OS. glibc's adaptive mmap threshold (it grows
+    up to 32 MiB as mmapped blocks are freed) stays off once any ``mallopt`` has run, so a
+    process that never wants the policy should set ``FILM_FAST_CPU_MALLOC=system`` before its
+    first forward: :func:`ensure` then leaves malloc untouched.
     """
     global _applied
     if mode not in MODES:
@@ -87,9 +90,17 @@ def configure(mode: str) -> bool:
 
 
 def ensure() -> Optional[str]:
-    """Applies the requested policy once per process (cheap after the first call); returns it."""
+    """Applies the requested policy once per process (cheap after the first call); returns it.
+
+    A ``system`` request leaves malloc as it is (glibc's defaults, adaptive threshold included)."""
+    global _applied
     if _applied is None:
-        configure(requested_mode())
+        mode = requested_mode()
+        if mode == "system":
+            with _lock:
+                _applied = mode
+        else:
+            configure(mode)
     return _applied
 
 

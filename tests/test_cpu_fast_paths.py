@@ -205,6 +205,31 @@ def test_policy_env_errors_and_model_applies_it(monkeypatch, small_model):
     cpu_memory.configure("reuse")  # what the rest of the test session expects
 
 
+def test_system_request_leaves_malloc_untouched(monkeypatch):
+    """Any mallopt call switches glibc's adaptive mmap threshold off for good, so a process
+    that asks for glibc's defaults must get no mallopt at all."""
+    calls = []
+
+    class Libc:
+        def mallopt(self, *args):
+            calls.append(("mallopt", args))
+            return 1
+
+        def malloc_trim(self, *args):
+            calls.append(("malloc_trim", args))
+            return 1
+
+    monkeypatch.setattr(cpu_memory, "_glibc", lambda: Libc())
+    monkeypatch.setattr(cpu_memory, "_applied", None)
+    monkeypatch.setenv(cpu_memory.ENV, "system")
+    assert cpu_memory.ensure() == "system" and cpu_memory.ensure() == "system"
+    assert calls == []
+    monkeypatch.setattr(cpu_memory, "_applied", None)
+    monkeypatch.setenv(cpu_memory.ENV, "reuse")
+    assert cpu_memory.ensure() == "reuse"
+    assert ("mallopt", (cpu_memory._M_MMAP_MAX, 0)) in calls
+
+
 # ---- dtypes that crawl on this CPU -------------------------------------------------------------
 def test_slow_dtype_warnings_name_the_reason(monkeypatch):
     from film_fast import cpu_features
