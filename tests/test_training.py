@@ -327,6 +327,50 @@ def test_resume_is_exact(frame_folder, tmp_path):
         Trainer(cfg, str(tmp_path / "b"), device="cpu", progress=False)
 
 
+def test_worker_processes_make_the_same_batches_and_weights(frame_folder, tmp_path):
+    from film_fast.training.batches import batch_stream, resolve_workers
+    root, _ = frame_folder
+    cfg = _tiny_config(root, data_workers=0)
+    inline = Trainer(cfg, str(tmp_path / "a"), device="cpu", progress=False)
+    got = list(batch_stream(inline.sampler, 3, 7, workers=2))
+    assert [s for s, _ in got] == [3, 4, 5, 6]  # in step order
+    for step, batch in got:
+        for a, b in zip(batch, inline.sampler.batch(step)):
+            assert torch.equal(a, b), step
+    # Different steps really are different batches (the comparison above can fail).
+    assert not torch.equal(got[0][1][0], got[1][1][0])
+    inline.run()
+    pooled = Trainer(dict(cfg, data_workers=2), str(tmp_path / "b"), device="cpu", progress=False)
+    pooled.run()
+    for (k, a), (_, b) in zip(inline.model.state_dict().items(), pooled.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert _rows(tmp_path / "a" / "metrics.csv") == _rows(tmp_path / "b" / "metrics.csv")
+    assert resolve_workers("auto", torch.device("cpu")) == 0
+    assert 1 <= resolve_workers("auto", torch.device("cuda")) <= 8
+    with pytest.raises(config_lib.ConfigError, match="data_workers"):
+        _tiny_config(root, data_workers=-1)
+
+
+def test_time_limit_stops_on_a_log_step_and_resumes_exactly(frame_folder, tmp_path):
+    root, _ = frame_folder
+    cfg = _tiny_config(root, num_steps=8, log_every=2, checkpoint_every=4, eval_every=0)
+    straight = Trainer(cfg, str(tmp_path / "a"), device="cpu", progress=False)
+    straight.run()
+    assert not straight.stopped_early
+    timed = Trainer(cfg, str(tmp_path / "b"), device="cpu", progress=False)
+    timed.run(max_seconds=0.0)  # out of time at once: stops at the first log step
+    assert timed.stopped_early and timed.step == 2
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "b" / "checkpoints"))] == [2]
+    assert os.path.isfile(tmp_path / "b" / "model.safetensors")
+    resumed = Trainer(cfg, str(tmp_path / "b"), device="cpu", progress=False, resume=True)
+    assert resumed.step == 2
+    resumed.run(max_seconds=3600.0)
+    assert not resumed.stopped_early and resumed.step == 8
+    for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert _rows(tmp_path / "a" / "metrics.csv") == _rows(tmp_path / "b" / "metrics.csv")
+
+
 def test_training_reduces_the_loss(frame_folder, tmp_path):
     root, _ = frame_folder
     cfg = _tiny_config(root, num_steps=40, log_every=20, checkpoint_every=40, eval_every=0)
@@ -365,6 +409,20 @@ def test_train_cli_end_to_end(frame_folder, tmp_path, capsys):
     path.write_text(json.dumps({"data": {"train": []}}))
     assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "x"), "--quiet"]) != 0
     assert "data.train" in capsys.readouterr().err
+    # Time limit and workers from the command line: stop at the first log step, resume to the end.
+    path.write_text(json.dumps(cfg))
+    timed = tmp_path / "timed"
+    assert cli.main(["train", "--config", str(path), "--out", str(timed), "--max-time", "1e-9",
+                     "--workers", "1"]) == 0
+    assert "stopped (time limit) at step 2" in capsys.readouterr().out
+    assert cli.main(["train", "--config", str(path), "--out", str(timed), "--resume", "--quiet",
+                     "--workers", "0"]) == 0
+    assert [r["step"] for r in csv.DictReader(open(timed / "metrics.csv"))] == ["2", "4"]
+    for bad, message in ((["--workers", "many"], "--workers"), (["--max-time", "0"], "--max-time"),
+                         (["--workers", "-2"], "data_workers")):
+        assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "y"),
+                         "--quiet"] + bad) != 0
+        assert message in capsys.readouterr().err
 
 
 def test_training_step_through_triton_kernels_matches_torch(frame_folder, tmp_path):

@@ -23,6 +23,13 @@ def add_parser(sub, prog: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help="stop at step N instead of the config's num_steps (the learning-rate "
                         "schedule is unchanged)")
+    p.add_argument("--max-time", type=float, default=None, metavar="MINUTES",
+                   help="stop at the first log step after MINUTES of training, with a checkpoint "
+                        "there and the weights exported; --resume continues it exactly")
+    p.add_argument("--workers", default=None, metavar="N",
+                   help="processes that prepare batches ahead ('auto': 0 on CPU, min(8, cores "
+                        "- 2) on GPUs; default: the config's data_workers). The batches are the "
+                        "same for any N")
     p.add_argument("--export", default=None, metavar="FILE",
                    help="also write the final weights to FILE (.safetensors)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -35,6 +42,13 @@ def run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .trainer import Trainer
     cfg = load_config(args.config)
+    if args.workers is not None:
+        from .config import validate
+        cfg["data_workers"] = args.workers if args.workers == "auto" else _int_arg("--workers",
+                                                                                   args.workers)
+        validate(cfg)
+    if args.max_time is not None and not args.max_time > 0:
+        raise ValueError(f"--max-time must be a positive number of minutes, got {args.max_time}")
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -45,13 +59,22 @@ def run(args: argparse.Namespace) -> int:
               f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters, "
               f"starting at step {trainer.step}", file=sys.stderr)
     try:
-        row = trainer.run(args.steps)
+        row = trainer.run(args.steps, max_seconds=None if args.max_time is None
+                          else 60.0 * args.max_time)
     except KeyboardInterrupt:
         return 130
     if args.export:
         trainer.export(args.export)
     if not args.quiet:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
-        print(f"film-fast train: done at step {trainer.step}: {shown}; weights in "
+        done = "stopped (time limit)" if trainer.stopped_early else "done"
+        print(f"film-fast train: {done} at step {trainer.step}: {shown}; weights in "
               f"{os.path.join(out, 'model.safetensors')}")
     return 0
+
+
+def _int_arg(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be 'auto' or an integer >= 0, got {text!r}") from None

@@ -68,6 +68,8 @@ DEFAULTS: Dict[str, Any] = {
     "seed": 0,
     "precision": "auto",              # auto | fp32 | bf16 | fp16 (fp16: CUDA only, loss-scaled)
     "backend": "auto",
+    "data_workers": "auto",           # batch-making processes: auto = 0 on CPU, min(8, cores - 2)
+                                      # on GPUs; never changes the batches (film_fast/training/batches.py)
     "log_every": 50,
     "checkpoint_every": 1000,
     "keep_checkpoints": 3,
@@ -136,6 +138,9 @@ def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
         # Checkpoints fall on log boundaries so a resumed run writes the same log rows.
         raise ConfigError(f"checkpoint_every ({cfg['checkpoint_every']}) must be a multiple of "
                           f"log_every ({cfg['log_every']})")
+    workers = cfg["data_workers"]
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"data_workers: must be 'auto' or an integer >= 0, got {workers!r}")
     if not isinstance(cfg["eval_every"], int) or cfg["eval_every"] < 0:
         raise ConfigError(f"eval_every: must be an integer >= 0, got {cfg['eval_every']!r}")
     if cfg["model_init"] not in ("default", "average_fusion"):

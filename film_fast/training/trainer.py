@@ -31,8 +31,9 @@ import torch
 from ..cpu_features import native_bf16, warn_if_slow
 from ..model import FILM
 from . import config as config_lib
-from .data import (Augment, FolderTriplets, SyntheticMotion, TripletSampler, TripletSource,
-                   VideoTriplets, VimeoTriplets, sample_rng)
+from .batches import batch_stream, resolve_workers
+from .data import (Augment, FolderTriplets, SyntheticMotion, Triplet, TripletSampler,
+                   TripletSource, VideoTriplets, VimeoTriplets, sample_rng)
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})\.safetensors$")
 CSV_FIELDS = ["step", "lr", "loss", "l1", "l2", "l1_warped", "vgg", "style", "train_psnr", "val_psnr",
@@ -325,6 +326,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.step = 0
         self.elapsed_before = 0.0
+        self.stopped_early = False
         if resume and existing:
             self._resume(existing[-1][1])
         data = cfg["data"]
@@ -352,9 +354,12 @@ class Trainer:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def train_step(self, step: int) -> Dict[str, float]:
-        """One optimizer step on the batch of ``step``; returns the logged scalars."""
-        x0, y, x1 = (t.to(self.device, non_blocking=True) for t in self.sampler.batch(step))
+    def train_step(self, step: int, batch: Optional[Triplet] = None) -> Dict[str, float]:
+        """One optimizer step on the batch of ``step`` (``batch``, when it was made elsewhere:
+        it must be ``self.sampler.batch(step)``); returns the logged scalars."""
+        if batch is None:
+            batch = self.sampler.batch(step)
+        x0, y, x1 = (t.to(self.device, non_blocking=True) for t in batch)
         lr = learning_rate(self.cfg["optimizer"], step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -416,8 +421,15 @@ class Trainer:
         save_safetensors(clone, path)
         return path
 
-    def run(self, num_steps: Optional[int] = None) -> Dict[str, Any]:
-        """Trains up to ``num_steps`` (default: the config's); returns the last logged row."""
+    def run(self, num_steps: Optional[int] = None,
+            max_seconds: Optional[float] = None) -> Dict[str, Any]:
+        """Trains up to ``num_steps`` (default: the config's); returns the last logged row.
+
+        ``max_seconds``: stop at the first log boundary (``step % log_every == 0``) reached
+        after that much wall time in this call, with a checkpoint there and the weights
+        exported, so ``--resume`` continues the same run exactly (a time budget, e.g. a
+        lent GPU's). ``self.stopped_early`` tells whether it stopped before ``num_steps``.
+        """
         end = int(num_steps or self.cfg["num_steps"])
         log = MetricsLog(self.out_dir, self.step if self.resume else None)
         bar = StepProgress(self.step, end, self.progress)
@@ -426,11 +438,17 @@ class Trainer:
         acc: Dict[str, float] = {}
         count = 0
         t_start = time.perf_counter()
+        deadline = None if max_seconds is None else t_start + float(max_seconds)
         t_interval = t_start
         row: Dict[str, Any] = {}
+        self.stopped_early = False
+        workers = resolve_workers(self.cfg["data_workers"], self.device)
+        batches = batch_stream(self.sampler, self.step, end, workers,
+                               pin_memory=self.device.type == "cuda")
         try:
-            while self.step < end:
-                scalars = self.train_step(self.step)
+            for step, batch in batches:
+                assert step == self.step, (step, self.step)
+                scalars = self.train_step(self.step, batch)
                 self.step += 1
                 for k, v in scalars.items():
                     acc[k] = acc.get(k, 0.0) + v
@@ -448,14 +466,21 @@ class Trainer:
                             self.cfg["seed"], 32, self.device, self.autocast)
                     log.write(row)
                     acc, count, t_interval = {}, 0, time.perf_counter()
-                if self.step % ckpt_every == 0 or self.step == end:
+                out_of_time = (deadline is not None and self.step % every == 0
+                               and time.perf_counter() >= deadline and self.step < end)
+                if self.step % ckpt_every == 0 or self.step == end or out_of_time:
                     self.checkpoint(elapsed)
+                if out_of_time:
+                    self.stopped_early = True
+                    break
         except KeyboardInterrupt:
             bar.finish()
             log.close()
             print(f"film-fast train: interrupted at step {self.step}; the last checkpoint is kept, "
                   "continue with --resume", file=sys.stderr)
             raise
+        finally:
+            batches.close()  # stops the workers
         bar.update(self.step, row.get("loss", float("nan")), force=True)
         bar.finish()
         log.close()
@@ -468,4 +493,5 @@ def _comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
     started count as their default (so older runs stay resumable)."""
     cfg = dict({k: v for k, v in config_lib.DEFAULTS.items() if k not in cfg}, **cfg)
     return {k: v for k, v in cfg.items()
-            if k not in ("num_steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints")}
+            if k not in ("num_steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints",
+                         "data_workers")}
