@@ -8,6 +8,16 @@
 #   PORT      a checkout of dajes/frame-interpolation-pytorch (default .port, git-ignored: clone it
 #             there and pass `carry: [".port"]` to the device tool). Without it step 1 is skipped.
 #
+#   TRAIN_S   seconds of GPU training for the built-in model (default 0: off). When set, step 2b
+#             continues configs/film_fast_default_gpu.json in TRAIN_OUT (default
+#             runs/film_fast_default_gpu; resumed when it holds checkpoints, so carry it to go on in
+#             a later session) and copies its weights, metrics and last checkpoint to $OUT/train-gpu.
+#             Its video source needs PyAV, which the GPU machine lacks: put the wheel in .whl/
+#             (git-ignored; `pip download --no-deps --only-binary=:all: --python-version 3.12
+#             --platform manylinux_2_28_x86_64 -d .whl av==18.1.0`, 36 MB) and carry ".whl".
+#             With the repo (25 MB) and the port's *.py files only (no .git, no photos) in .port,
+#             everything stays under the 64 MiB a call may carry.
+#
 # Order (why): 1 the headline goal (1080p fp16 against the port's fp16 TorchScript on the same GPU),
 # 2 frames/s, tensor-core fraction and peak memory at 1080p and 4K, 3 kernel and model parity on
 # the GPU, 4 the per-op kernel table, 5 the other dtypes and backends.
@@ -37,6 +47,10 @@ step() {
 }
 
 python -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (PyAV for the training step)
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python - <<'EOF' | tee -a "$OUT/gpu.txt"
 import subprocess, torch, triton
@@ -60,6 +74,25 @@ fi
 # 2. End to end, fp16, the auto backend next to the torch backend: fps, tensor-core fraction, peak memory.
 step "bench fp16 auto" 120 film-fast bench --device cuda --dtype fp16 --backend auto \
   --sizes 1920x1080,3840x2160 --iters 10 --warmup 3 --json "$OUT/bench-gpu-fp16-auto.json"
+
+# 2b. Optional: train the built-in model further (the DAVIS goal needs GPU-scale training).
+TRAIN_S="${TRAIN_S:-0}"
+TRAIN_OUT="${TRAIN_OUT:-runs/film_fast_default_gpu}"
+if (( TRAIN_S > 0 )); then
+  resume=""
+  if ls "$TRAIN_OUT"/checkpoints/step_*.safetensors >/dev/null 2>&1; then resume="--resume"; fi
+  minutes=$(python -c "print($TRAIN_S / 60)")
+  # --max-time stops at a log step once the time is up; the extra 120 s cover start-up, the
+  # last log interval and the export.
+  step "train built-in model ${TRAIN_S}s" $(( TRAIN_S + 120 )) film-fast train \
+    --config configs/film_fast_default_gpu.json --out "$TRAIN_OUT" $resume --max-time "$minutes" \
+    2>&1 | tr '\r' '\n' | tail -40 | tee "$OUT/train-gpu.log"
+  mkdir -p "$OUT/train-gpu"
+  cp "$TRAIN_OUT/model.safetensors" "$TRAIN_OUT/metrics.csv" "$TRAIN_OUT/config.json" \
+    "$OUT/train-gpu/" 2>/dev/null
+  last=$(ls "$TRAIN_OUT"/checkpoints/step_*.safetensors 2>/dev/null | tail -1)
+  [ -n "$last" ] && cp "$last" "$OUT/train-gpu/"
+fi
 
 # 3. Correctness on the GPU: kernel parity (triton + cupy) and model golden parity.
 step "gpu tests" 180 python -m pytest -q -x tests/test_cupy_kernels.py tests/test_triton_kernels.py \

@@ -254,6 +254,21 @@ def test_shipped_default_config_is_valid():
 
 
 
+def test_gpu_continuation_config_starts_from_the_shipped_model():
+    """configs/film_fast_default_gpu.json (benchmarks/gpu_session.sh, TRAIN_S): the built-in
+    architecture, initialised from the shipped weights, batches made by worker processes."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = config_lib.load_config(os.path.join(here, "configs", "film_fast_default_gpu.json"))
+    import film_fast
+    shipped = film_fast.load()
+    assert config_lib.model_options(cfg) == shipped.options
+    assert cfg["init"] == os.path.join(here, "film_fast", "weights", "film_fast_default.safetensors")
+    assert os.path.isfile(cfg["init"]) and cfg["data_workers"] == "auto"
+    for src in cfg["data"]["train"]:
+        for path in src.get("paths", []) + src.get("textures", []):
+            assert os.path.isdir(path), path
+
+
 def test_builtin_stage_configs_chain():
     """The built-in model's three stages (README "The built-in model"): same architecture, and
     each stage's ``init`` is the previous stage's ``--out runs/<name>`` export, as the README's
@@ -349,6 +364,64 @@ def test_worker_processes_make_the_same_batches_and_weights(frame_folder, tmp_pa
     assert 1 <= resolve_workers("auto", torch.device("cuda")) <= 8
     with pytest.raises(config_lib.ConfigError, match="data_workers"):
         _tiny_config(root, data_workers=-1)
+
+
+def test_weight_average_matches_hand_computation():
+    from film_fast.training.ema import WeightAverage
+    layer = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    ema = WeightAverage(layer, 0.5)
+    want = torch.ones(1, 2)
+    for step, value in enumerate([3.0, -2.0, 5.0]):
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        ema.update(layer, step)
+        d = min(0.5, (1 + step) / (10 + step))  # 0.1, 0.1818..., 0.25
+        want = d * want + (1 - d) * value
+        assert torch.allclose(ema.shadow["weight"], want, atol=1e-6), step
+    with ema.applied(layer):
+        assert torch.equal(layer.weight, ema.shadow["weight"])
+    assert torch.equal(layer.weight, torch.full((1, 2), 5.0))  # restored
+    with pytest.raises(ValueError, match="ema_decay"):
+        WeightAverage(layer, 1.0)
+
+
+def test_ema_run_resumes_exactly_and_exports_the_average(frame_folder, tmp_path):
+    import film_fast
+    root, _ = frame_folder
+    cfg = _tiny_config(root, ema_decay=0.9)
+    straight = Trainer(cfg, str(tmp_path / "a"), device="cpu", progress=False)
+    straight.run()
+    first = Trainer(cfg, str(tmp_path / "b"), device="cpu", progress=False)
+    first.run(num_steps=2)
+    resumed = Trainer(cfg, str(tmp_path / "b"), device="cpu", progress=False, resume=True)
+    resumed.run()
+    for name, a in straight.ema.shadow.items():
+        assert torch.equal(a, resumed.ema.shadow[name]), name
+    # (b's row 2 also validated: run(num_steps=2) ended there)
+    assert ([r for r in _rows(tmp_path / "a" / "metrics.csv") if r["step"] != "2"]
+            == [r for r in _rows(tmp_path / "b" / "metrics.csv") if r["step"] != "2"])
+    rows = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv")))
+    assert rows[2]["val_ema_psnr"] and rows[2]["val_psnr"] != rows[2]["val_ema_psnr"]
+    # The export and a checkpoint both load as the average, not the raw weights.
+    raw = dict(straight.model.named_parameters())
+    last = list_checkpoints(str(tmp_path / "a" / "checkpoints"))[-1][1]
+    for path in (str(tmp_path / "a" / "model.safetensors"), last):
+        loaded = dict(film_fast.load(path, dtype="fp32").named_parameters())
+        differs = False
+        for name, avg in straight.ema.shadow.items():
+            # export_dtype fp32 in the tiny config: exact
+            assert torch.equal(loaded[name], avg), (path, name)
+            differs |= not torch.equal(avg, raw[name].detach())
+        assert differs  # the average is not the raw weights
+    # Switching EMA on is a config change: a plain run cannot be resumed with it.
+    plain = Trainer(_tiny_config(root), str(tmp_path / "c"), device="cpu", progress=False)
+    plain.run(num_steps=2)
+    with pytest.raises(TrainingError, match="differs"):
+        Trainer(cfg, str(tmp_path / "c"), device="cpu", progress=False, resume=True)
+    with pytest.raises(config_lib.ConfigError, match="ema_decay"):
+        _tiny_config(root, ema_decay=1.5)
 
 
 def test_time_limit_stops_on_a_log_step_and_resumes_exactly(frame_folder, tmp_path):

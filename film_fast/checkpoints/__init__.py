@@ -127,8 +127,11 @@ def read_checkpoint(path: str, *, pyramid_levels: Optional[int] = None,
             raise CheckpointFormatError(f"{path}: unreadable safetensors file ({e})") from None
         if TRAINING_METADATA_KEY in meta:
             # A `film-fast train` checkpoint: the model's tensors are under "model.", next to the
-            # optimizer state, which inference does not need.
+            # optimizer state, which inference does not need. A run with ema_decay also holds the
+            # averaged weights under "ema."; those are what the run exports, so they win.
+            ema = {k[len("ema."):]: v for k, v in raw.items() if k.startswith("ema.")}
             raw = {k[len("model."):]: v for k, v in raw.items() if k.startswith("model.")}
+            raw.update(ema)
         port = is_port_state(raw)
         state = _canonical(raw, path)
         fmt = "safetensors (PyTorch port keys)" if port else "safetensors (film_fast)"

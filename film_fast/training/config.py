@@ -64,6 +64,7 @@ DEFAULTS: Dict[str, Any] = {
         "eps": 1e-8,
         "grad_clip": None,            # max global grad norm, None = off
     },
+    "ema_decay": 0.0,                 # EMA of the weights, exported when > 0 (e.g. 0.999); not official
     "num_steps": 3000000,             # official: 3M
     "seed": 0,
     "precision": "auto",              # auto | fp32 | bf16 | fp16 (fp16: CUDA only, loss-scaled)
@@ -138,6 +139,9 @@ def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
         # Checkpoints fall on log boundaries so a resumed run writes the same log rows.
         raise ConfigError(f"checkpoint_every ({cfg['checkpoint_every']}) must be a multiple of "
                           f"log_every ({cfg['log_every']})")
+    ema = cfg["ema_decay"]
+    if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0.0 <= ema < 1.0:
+        raise ConfigError(f"ema_decay: must be a number in [0, 1) (0 = off), got {ema!r}")
     workers = cfg["data_workers"]
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ConfigError(f"data_workers: must be 'auto' or an integer >= 0, got {workers!r}")

@@ -37,7 +37,7 @@ from .data import (Augment, FolderTriplets, SyntheticMotion, Triplet, TripletSam
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})\.safetensors$")
 CSV_FIELDS = ["step", "lr", "loss", "l1", "l2", "l1_warped", "vgg", "style", "train_psnr", "val_psnr",
-              "val_avg_psnr", "samples_per_s", "elapsed_s"]
+              "val_ema_psnr", "val_avg_psnr", "samples_per_s", "elapsed_s"]
 META_KEY = "film_fast.training"
 # The sample stream of validation crops: a "step" no training run reaches (2**32 - 1).
 VALIDATION_STREAM = 2 ** 32 - 1
@@ -118,12 +118,13 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torc
 
 
 def save_checkpoint(path: str, model: FILM, optimizer, step: int, cfg: Dict[str, Any],
-                    extra: Dict[str, Any]) -> None:
-    """Model + optimizer tensors, ``step``/config/options in the metadata; atomic."""
+                    extra: Dict[str, Any], ema: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Model + optimizer (+ EMA) tensors, ``step``/config/options in the metadata; atomic."""
     from ..checkpoints import write_safetensors_atomically
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     opt_tensors, groups = _optimizer_tensors(optimizer)
     tensors.update(opt_tensors)
+    tensors.update({f"ema.{k}": v for k, v in (ema or {}).items()})
     meta = {META_KEY: json.dumps({"step": step, "config": cfg, "param_groups": json.loads(groups),
                                   **extra}),
             "film_fast.options": model.options.to_json()}
@@ -131,7 +132,8 @@ def save_checkpoint(path: str, model: FILM, optimizer, step: int, cfg: Dict[str,
 
 
 def load_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], Dict[str, Any]]:
-    """``(model_state, optimizer_tensors, metadata)`` of a training checkpoint."""
+    """``(model_state, optimizer_tensors, metadata)`` of a training checkpoint; ``metadata["ema"]``
+    holds the EMA weights (``{}`` for runs without ``ema_decay``)."""
     from safetensors import safe_open
     try:
         with safe_open(path, framework="pt") as f:
@@ -143,6 +145,7 @@ def load_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch
         raise TrainingError(f"{path}: not a film_fast training checkpoint (no {META_KEY} metadata)")
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     opt = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
+    meta["ema"] = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
     return model_state, opt, meta
 
 
@@ -327,6 +330,8 @@ class Trainer:
         self.step = 0
         self.elapsed_before = 0.0
         self.stopped_early = False
+        from .ema import WeightAverage
+        self.ema = WeightAverage(self.model, cfg["ema_decay"]) if cfg["ema_decay"] else None
         if resume and existing:
             self._resume(existing[-1][1])
         data = cfg["data"]
@@ -343,6 +348,10 @@ class Trainer:
             raise TrainingError(f"--resume: {path} was written with a different config")
         self.model.load_state_dict(state)
         _restore_optimizer(self.optimizer, opt_tensors, meta["param_groups"])
+        if self.ema is not None:
+            if not meta["ema"]:
+                raise TrainingError(f"--resume: {path} holds no EMA weights")
+            self.ema.load_state_dict(meta["ema"])
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.step = int(meta["step"])
@@ -391,6 +400,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step)
         out = {"loss": float(total.detach()), "lr": lr, "train_psnr": psnr_batch(pred.detach(), y)}
         out.update({k: float(v) for k, v in parts.items()})
         if not math.isfinite(out["loss"]):
@@ -403,19 +414,24 @@ class Trainer:
         extra = {"elapsed_s": elapsed, "precision": self.precision}
         if self.scaler is not None:
             extra["scaler"] = self.scaler.state_dict()
-        save_checkpoint(path, self.model, self.optimizer, self.step, self.cfg, extra)
+        save_checkpoint(path, self.model, self.optimizer, self.step, self.cfg, extra,
+                        ema=None if self.ema is None else self.ema.state_dict())
         for _, old in list_checkpoints(self.ckpt_dir)[:-self.cfg["keep_checkpoints"]]:
             os.remove(old)
         return path
 
     def export(self, path: Optional[str] = None) -> str:
-        """Writes the weights as a film_fast ``.safetensors`` (``export_dtype``), loadable by load()."""
+        """Writes the weights (their EMA when ``ema_decay > 0``) as a film_fast ``.safetensors``
+        (``export_dtype``), loadable by load()."""
         from ..checkpoints import save_safetensors
         from ..api import resolve_dtype
         path = path or os.path.join(self.out_dir, "model.safetensors")
         dtype = resolve_dtype(self.cfg["export_dtype"])
         clone = FILM(self.options)
-        clone.load_state_dict({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            state.update(self.ema.state_dict())
+        clone.load_state_dict(state)
         clone.to(dtype)
         clone.source = f"film-fast train, step {self.step}"
         save_safetensors(clone, path)
@@ -461,9 +477,12 @@ class Trainer:
                     row.update(step=self.step, lr=scalars["lr"], elapsed_s=elapsed,
                                samples_per_s=count * self.cfg["data"]["batch_size"] / max(now - t_interval, 1e-9))
                     if self.val_sources and ((eval_every and self.step % eval_every == 0) or self.step == end):
-                        row["val_psnr"], row["val_avg_psnr"] = validate(
-                            self.model, self.val_sources, self.cfg["data"]["crop_size"],
-                            self.cfg["seed"], 32, self.device, self.autocast)
+                        args = (self.val_sources, self.cfg["data"]["crop_size"],
+                                self.cfg["seed"], 32, self.device, self.autocast)
+                        row["val_psnr"], row["val_avg_psnr"] = validate(self.model, *args)
+                        if self.ema is not None:
+                            with self.ema.applied(self.model):
+                                row["val_ema_psnr"], _ = validate(self.model, *args)
                     log.write(row)
                     acc, count, t_interval = {}, 0, time.perf_counter()
                 out_of_time = (deadline is not None and self.step % every == 0
