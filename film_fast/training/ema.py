@@ -1,8 +1,9 @@
 """Exponential moving average (EMA) of the weights during training (``ema_decay``).
 
 The averaged weights are what ``model.safetensors`` exports when ``ema_decay > 0``;
-checkpoints hold both the raw weights (``model.*``, what ``film_fast.load`` reads
-from a checkpoint and what the optimizer continues) and the average (``ema.*``).
+checkpoints hold both the raw weights (``model.*``, what the optimizer continues on
+``--resume``) and the average (``ema.*``, what ``film_fast.load`` reads from such a
+checkpoint, so a checkpoint and the export of the same step give the same frames).
 
 The decay at step ``s`` is ``min(ema_decay, (1 + s) / (10 + s))``: a function of the
 step alone, so a resumed run averages exactly like an uninterrupted one, and the
