@@ -17,11 +17,12 @@ TRIPLETS = os.path.join(HERE, "data", "triplets")
 PHOTOS = os.path.join(HERE, "data", "photos")
 
 # Mean PSNR gain over frame averaging on the copied triplets, measured when the model was trained
-# (DAVIS subset +6.56 dB, UCF101 subset +0.80 dB; see the README's model card), minus a 0.3 dB
+# (DAVIS subset +7.11 dB, UCF101 subset +2.30 dB; see the README's model card), minus a 0.3 dB
 # margin for rounding differences between platforms. The four UCF101 triplets include two nearly
-# static ones where averaging is already at 40-45 dB: the model loses there and wins on the
-# others (full UCF101 set: +1.74 dB), so this subset guards against regressions, not the goal.
-MIN_GAIN_DB = {"davis": 6.26, "ucf101": 0.50}
+# static ones where averaging is already at 40-45 dB (full UCF101 set: +3.00 dB); the stage-3
+# model, before its decoder learned a correction of the warp average, scored +6.56 / +0.80 here,
+# so these thresholds fail if the shipped weights fall back to it.
+MIN_GAIN_DB = {"davis": 6.81, "ucf101": 2.00}
 
 
 @pytest.fixture(scope="module")

@@ -270,12 +270,13 @@ def test_gpu_continuation_config_starts_from_the_shipped_model():
 
 
 def test_builtin_stage_configs_chain():
-    """The built-in model's three stages (README "The built-in model"): same architecture, and
+    """The built-in model's four stages (README "The built-in model"): same architecture, and
     each stage's ``init`` is the previous stage's ``--out runs/<name>`` export, as the README's
     one-line reproduction writes them."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     stages = [("film_fast_default", None), ("film_fast_default_finetune", "film_fast_default"),
-              ("film_fast_default_large_motion", "film_fast_default_ft")]
+              ("film_fast_default_large_motion", "film_fast_default_ft"),
+              ("film_fast_default_passthrough", "film_fast_default_lm")]
     first = None
     for name, previous in stages:
         cfg = config_lib.load_config(os.path.join(here, "configs", name + ".json"))
@@ -292,8 +293,12 @@ def test_builtin_stage_configs_chain():
         readme = f.read()
     for cmd in ("--config configs/film_fast_default.json --out runs/film_fast_default ",
                 "--config configs/film_fast_default_finetune.json --out runs/film_fast_default_ft ",
-                "--config configs/film_fast_default_large_motion.json --out runs/film_fast_default_lm"):
+                "--config configs/film_fast_default_large_motion.json --out runs/film_fast_default_lm ",
+                "--config configs/film_fast_default_passthrough.json --out runs/film_fast_default_pt "
+                "--export film_fast/weights/film_fast_default.safetensors"):
         assert cmd in readme, cmd
+    # Stage 4 starts by turning the stage-3 decoder into a correction of the warp average.
+    assert cfg["model_init"] == "fusion_passthrough"
 
 # ---- the loop ----------------------------------------------------------------------------------
 def _tiny_config(root, **over):
@@ -552,6 +557,47 @@ def test_average_fusion_init_starts_at_frame_averaging(frame_folder, tmp_path):
     assert trainer.model.predict_flow.shared.convs[-1].weight.abs().max() > 0
     with pytest.raises(config_lib.ConfigError, match="model_init"):
         _tiny_config(root, model_init="xavier")
+
+
+def test_fusion_passthrough_starts_at_the_warp_average(frame_folder, tmp_path):
+    """`model_init: fusion_passthrough` edits the `init` weights so that the model outputs the
+    average of its two warped inputs, keeping every flow and feature weight as loaded."""
+    root, _ = frame_folder
+    first = Trainer(_tiny_config(root, num_steps=2, log_every=1, checkpoint_every=2),
+                    str(tmp_path / "a"), device="cpu", progress=False)
+    first.run()
+    init = str(tmp_path / "a" / "model.safetensors")
+    plain = Trainer(_tiny_config(root, init=init), str(tmp_path / "p"), device="cpu",
+                    progress=False).model.eval()
+    edited = Trainer(_tiny_config(root, init=init, model_init="fusion_passthrough"),
+                     str(tmp_path / "b"), device="cpu", progress=False)
+    model = edited.model.eval()
+    # The 3 level-0 channels the loaded output conv weighs least carry the average.
+    weight = plain.fuse.output.weight.flatten(1)
+    least = sorted(torch.argsort(weight.norm(dim=0))[:3].tolist())
+    out = model.fuse.output.weight.flatten(1)
+    assert torch.equal(out[:, least], torch.eye(3))
+    assert not out[:, [k for k in range(out.shape[1]) if k not in least]].any()
+    changed = {"fuse.output.weight", "fuse.output.bias"} | {
+        f"fuse.levels.0.convs.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")}
+    for (name, a), (_, b) in zip(plain.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b) == (name not in changed), name
+    x0, x1 = torch.rand(2, 3, 40, 56), torch.rand(2, 3, 40, 56)
+    with torch.no_grad():
+        o = model.debug_forward(x0, x1, 0.5)
+        flow = o["forward_flow_pyramid"][0]
+        assert flow.abs().max() > 0.1  # the warps are not the inputs: the test can tell them apart
+        average = (o["x0_warped"] + o["x1_warped"]) / 2
+        torch.testing.assert_close(o["image"][0], average, rtol=0, atol=1e-6)
+        assert (average - (x0 + x1) / 2).abs().max() > 0.01
+        assert (plain(x0, x1, 0.5) - average).abs().max() > 0.01
+    # It trains: the zeroed output weights get gradients from the first step.
+    edited.model.train()
+    edited.train_step(0)
+    assert edited.model.fuse.output.weight.flatten(1)[:, [k for k in range(out.shape[1])
+                                                          if k not in least]].abs().max() > 0
+    with pytest.raises(config_lib.ConfigError, match="fusion_passthrough.*init"):
+        _tiny_config(root, model_init="fusion_passthrough")
 
 
 def test_bf16_autocast_training_step(frame_folder, tmp_path):

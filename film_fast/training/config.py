@@ -41,7 +41,7 @@ class ConfigError(ValueError):
 DEFAULTS: Dict[str, Any] = {
     "model": {},                      # film_net Options; {} = the published config
     "init": None,                     # weights to start from (any checkpoint film_fast.load reads)
-    "model_init": "default",          # default | average_fusion (see film_fast/training/init.py)
+    "model_init": "default",          # default | average_fusion | fusion_passthrough (training/init.py)
     "data": {
         "crop_size": 256,             # official: 256
         "batch_size": 8,              # official: 8
@@ -147,8 +147,12 @@ def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"data_workers: must be 'auto' or an integer >= 0, got {workers!r}")
     if not isinstance(cfg["eval_every"], int) or cfg["eval_every"] < 0:
         raise ConfigError(f"eval_every: must be an integer >= 0, got {cfg['eval_every']!r}")
-    if cfg["model_init"] not in ("default", "average_fusion"):
-        raise ConfigError(f"model_init: must be 'default' or 'average_fusion', got {cfg['model_init']!r}")
+    if cfg["model_init"] not in ("default", "average_fusion", "fusion_passthrough"):
+        raise ConfigError("model_init: must be 'default', 'average_fusion' or "
+                          f"'fusion_passthrough', got {cfg['model_init']!r}")
+    if cfg["model_init"] == "fusion_passthrough" and not cfg["init"]:
+        raise ConfigError("model_init 'fusion_passthrough' edits trained weights: set 'init' "
+                          "to the checkpoint to start from")
     if cfg["precision"] not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"precision: must be auto, fp32, bf16 or fp16, got {cfg['precision']!r}")
     if cfg["export_dtype"] not in ("fp32", "fp16", "bf16"):

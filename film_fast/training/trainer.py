@@ -305,14 +305,18 @@ class Trainer:
         torch.manual_seed(cfg["seed"])  # the initial weights
         self.options = config_lib.model_options(cfg)
         self.model = FILM(self.options, backend=cfg["backend"]).to(self.device)
-        from .init import apply as apply_init
-        apply_init(self.model, cfg.get("model_init", "default"))
+        from .init import TRANSFORMS, apply as apply_init
+        model_init = cfg.get("model_init", "default")
+        if model_init not in TRANSFORMS:
+            apply_init(self.model, model_init)
         if cfg.get("init"):
             # Fine-tuning: start from existing weights (published, port, or our own); the
             # architecture must be the config's.
             from ..checkpoints import read_checkpoint
             ckpt = read_checkpoint(cfg["init"], options=self.options)
             self.model.load_state_dict({k: v.float() for k, v in ckpt.state.items()})
+        if model_init in TRANSFORMS:  # edits of the loaded weights (checked: init is set)
+            apply_init(self.model, model_init)
         self.model.train()
         opt = cfg["optimizer"]
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt["learning_rate"],
