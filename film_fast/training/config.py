@@ -147,9 +147,9 @@ def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"data_workers: must be 'auto' or an integer >= 0, got {workers!r}")
     if not isinstance(cfg["eval_every"], int) or cfg["eval_every"] < 0:
         raise ConfigError(f"eval_every: must be an integer >= 0, got {cfg['eval_every']!r}")
-    if cfg["model_init"] not in ("default", "average_fusion", "fusion_passthrough"):
-        raise ConfigError("model_init: must be 'default', 'average_fusion' or "
-                          f"'fusion_passthrough', got {cfg['model_init']!r}")
+    from .init import INITS
+    if cfg["model_init"] not in INITS:
+        raise ConfigError(f"model_init: must be one of {list(INITS)}, got {cfg['model_init']!r}")
     if cfg["model_init"] == "fusion_passthrough" and not cfg["init"]:
         raise ConfigError("model_init 'fusion_passthrough' edits trained weights: set 'init' "
                           "to the checkpoint to start from")

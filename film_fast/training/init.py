@@ -37,23 +37,35 @@ INITS = ("default", "average_fusion", "fusion_passthrough")
 TRANSFORMS = ("fusion_passthrough",)
 
 
-@torch.no_grad()
-def average_fusion(model) -> None:
-    """Applies the ``average_fusion`` initialisation to ``model`` (a film_fast FILM) in place."""
-    opts = model.options
+def _carry_warp_average(model, channels) -> None:
+    """Rewires fusion level 0 so that ``channels`` (3 of them) carry ``(w0 + w1) / 2`` to the
+    output, and makes the output conv read only them: conv 0 writes ``0.5 * w0[rgb] +
+    0.5 * w1[rgb]`` into channel ``channels[rgb]`` (centre tap), conv 1 copies it (centre
+    tap 1), the output conv maps it to RGB ``rgb`` with weight 1; every other output-conv
+    weight and its bias are 0. Other channels keep their weights."""
     level = model.fuse.levels[0]
     conv0, conv1 = level.convs[0], level.convs[1]
-    c = 3 + opts.feature_channels(0)  # w0 occupies [0, c), w1 [c, 2c) of the level-0 buffer
+    out = model.fuse.output
+    c = 3 + model.options.feature_channels(0)  # w0 occupies [0, c), w1 [c, 2c) of the buffer
     centre0 = conv0.weight.shape[-1] // 2
-    for k in range(3):
+    centre1 = conv1.weight.shape[-1] // 2
+    out.weight.zero_()
+    out.bias.zero_()
+    for rgb, k in enumerate(channels):
         conv0.weight[k].zero_()
-        conv0.weight[k, k, centre0, centre0] = 0.5
-        conv0.weight[k, c + k, centre0, centre0] = 0.5
+        conv0.weight[k, rgb, centre0, centre0] = 0.5
+        conv0.weight[k, c + rgb, centre0, centre0] = 0.5
         conv0.bias[k] = 0.0
-        centre1 = conv1.weight.shape[-1] // 2
         conv1.weight[k].zero_()
         conv1.weight[k, k, centre1, centre1] = 1.0
         conv1.bias[k] = 0.0
+        out.weight[rgb, k, 0, 0] = 1.0
+
+
+@torch.no_grad()
+def average_fusion(model) -> None:
+    """Applies the ``average_fusion`` initialisation to ``model`` (a film_fast FILM) in place."""
+    _carry_warp_average(model, (0, 1, 2))
     # Flow heads start at zero (the last 1x1 conv of every predictor), so the first output is
     # exactly frame averaging; their inputs are non-zero, so they get gradients from step 0.
     predictors = list(model.predict_flow.predictors) + [model.predict_flow.shared]
@@ -61,11 +73,6 @@ def average_fusion(model) -> None:
         head = predictor.convs[-1]
         head.weight.zero_()
         head.bias.zero_()
-    out = model.fuse.output
-    out.weight.zero_()
-    for k in range(3):
-        out.weight[k, k, 0, 0] = 1.0
-    out.bias.zero_()
 
 
 @torch.no_grad()
@@ -88,26 +95,9 @@ def fusion_passthrough(model) -> list:
     the zeroed output weights get gradients from the first step, and the decoder
     learns a correction on top of the average. Returns the repurposed channels.
     """
-    opts = model.options
-    level = model.fuse.levels[0]
-    conv0, conv1 = level.convs[0], level.convs[1]
-    out = model.fuse.output
-    c = 3 + opts.feature_channels(0)  # w0 occupies [0, c), w1 [c, 2c) of the level-0 buffer
-    importance = out.weight.flatten(2).norm(dim=(0, 2))  # [fusion_filters(0)]
+    importance = model.fuse.output.weight.flatten(2).norm(dim=(0, 2))  # [fusion_filters(0)]
     chosen = sorted(torch.argsort(importance)[:3].tolist())
-    centre0 = conv0.weight.shape[-1] // 2
-    centre1 = conv1.weight.shape[-1] // 2
-    out.weight.zero_()
-    out.bias.zero_()
-    for rgb, k in enumerate(chosen):
-        conv0.weight[k].zero_()
-        conv0.weight[k, rgb, centre0, centre0] = 0.5
-        conv0.weight[k, c + rgb, centre0, centre0] = 0.5
-        conv0.bias[k] = 0.0
-        conv1.weight[k].zero_()
-        conv1.weight[k, k, centre1, centre1] = 1.0
-        conv1.bias[k] = 0.0
-        out.weight[rgb, k, 0, 0] = 1.0
+    _carry_warp_average(model, chosen)
     return chosen
 
 
