@@ -8,8 +8,9 @@ channels. Starting from the coarsest level, for ``i = F-2 .. 0``::
     net = concat(level_i, net)
     net = lrelu(conv3x3(net)); net = lrelu(conv3x3(net))
 
-with width ``filters << min(i, specialized_levels)``; finally a 1x1 conv to RGB
-(no activation, no clamp).
+with width ``options.fusion_filters(i)`` (film_net: ``filters << min(i,
+specialized_levels)``; ``Options.fusion_widths`` may override the finest levels); finally a
+1x1 conv to RGB (no activation, no clamp).
 
 Execution: each level is one channels_last buffer ``[level_i | net | zero pad]``
 (see :mod:`film_fast.buffers`); the up step (:func:`film_fast.ops.upsample_conv2x2`,

@@ -12,7 +12,8 @@ quantity                  value
 sub-tree stage j width    ``filters << j``
 feature channels, level i ``sum(filters << j for j < min(i + 1, sub_levels))``
 flow predictor i input    ``2 * feature_channels(i)`` (a and warped b)
-fusion width, level i     ``filters << min(i, specialized_levels)``
+fusion width, level i     ``fusion_widths[i]`` if given, else
+                          ``filters << min(i, specialized_levels)``
 fusion input, level i     ``2 * (3 + feature_channels(i)) + 4``
 ========================  ==============================================
 
@@ -40,6 +41,11 @@ class Options:
             then one for the shared predictor.
         flow_filters: filters per predictor, same indexing as ``flow_convs``.
         filters: base feature count ``k``.
+        fusion_widths: decoder widths of the finest fusion levels, overriding
+            ``filters << min(i, specialized_levels)`` for levels ``0 .. len - 1``
+            (at most ``fusion_pyramid_levels - 1`` entries; the coarsest fusion level
+            has no convs). Empty (the film_net default) = no override. ``(32,)``
+            doubles the built-in model's full-resolution decoder (16 channels).
     """
 
     pyramid_levels: int = 7
@@ -49,10 +55,12 @@ class Options:
     flow_convs: Tuple[int, ...] = (3, 3, 3, 3)
     flow_filters: Tuple[int, ...] = (32, 64, 128, 256)
     filters: int = 64
+    fusion_widths: Tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "flow_convs", tuple(int(v) for v in self.flow_convs))
         object.__setattr__(self, "flow_filters", tuple(int(v) for v in self.flow_filters))
+        object.__setattr__(self, "fusion_widths", tuple(int(v) for v in self.fusion_widths))
         self.validate()
 
     def validate(self) -> None:
@@ -84,6 +92,13 @@ class Options:
                 raise ValueError(f"Options.{name} entries must be positive, got {list(seq)}")
         if any(f < 2 for f in self.flow_filters):
             raise ValueError(f"Options.flow_filters entries must be >= 2, got {list(self.flow_filters)}")
+        if len(self.fusion_widths) > self.fusion_pyramid_levels - 1:
+            raise ValueError(
+                f"Options.fusion_widths has {len(self.fusion_widths)} entries; at most "
+                f"fusion_pyramid_levels - 1 = {self.fusion_pyramid_levels - 1} levels have convs")
+        if any(w < 1 for w in self.fusion_widths):
+            raise ValueError(f"Options.fusion_widths entries must be positive, got "
+                             f"{list(self.fusion_widths)}")
 
     # ---- derived quantities -------------------------------------------------------------
     @property
@@ -98,6 +113,8 @@ class Options:
 
     def fusion_filters(self, level: int) -> int:
         """Decoder width at fusion ``level``."""
+        if level < len(self.fusion_widths):
+            return self.fusion_widths[level]
         return self.filters << min(level, self.specialized_levels)
 
     def fusion_input_channels(self, level: int) -> int:
@@ -113,6 +130,10 @@ class Options:
         d = dataclasses.asdict(self)
         d["flow_convs"] = list(self.flow_convs)
         d["flow_filters"] = list(self.flow_filters)
+        # Written only when set, so every film_net config serialises as it always has.
+        widths = d.pop("fusion_widths")
+        if widths:
+            d["fusion_widths"] = list(widths)
         return d
 
     def to_json(self) -> str:

@@ -198,3 +198,37 @@ def test_varint_roundtrip_and_escaped_keys():
     assert split_checkpoint_key("a../b.//c/.ATTRIBUTES/X") == ["a.", "b/", "c"]
     with pytest.raises(ValueError):
         decode(b"\x0a\x05ab")  # length runs past the end
+
+
+def test_fusion_widths_option_serialises_validates_and_is_inferred(tmp_path, small_model):
+    """``Options.fusion_widths`` (a wider decoder than ``filters << level``) survives every
+    format: safetensors metadata, a bare state dict (inferred from the weight shapes), and
+    the port and official name maps. Film_net configs serialise exactly as before."""
+    base = small_model.options
+    assert "fusion_widths" not in base.to_dict()  # film_net configs: unchanged JSON
+    wide_options = film_fast.Options.from_dict(dict(base.to_dict(), fusion_widths=[
+        2 * base.fusion_filters(0)]))
+    assert wide_options.fusion_filters(0) == 2 * base.fusion_filters(0)
+    assert wide_options.fusion_filters(1) == base.fusion_filters(1)
+    assert film_fast.Options.from_dict(wide_options.to_dict()) == wide_options
+    torch.manual_seed(0)
+    wide = film_fast.FILM(wide_options, backend="torch").eval()
+    assert wide.fuse.output.weight.shape[1] == 2 * base.fusion_filters(0)
+
+    path = str(tmp_path / "wide.safetensors")
+    film_fast.save_safetensors(wide, path)
+    assert film_fast.load(path, device="cpu").options == wide_options
+    torch.save(wide.state_dict(), tmp_path / "wide.pt")  # no metadata: inferred from shapes
+    loaded = film_fast.load(str(tmp_path / "wide.pt"), pyramid_levels=SMALL_PYRAMID_LEVELS)
+    assert loaded.options == wide_options
+    state = wide.state_dict()
+    for key, value in from_port(to_port(state)).items():
+        assert torch.equal(value, state[key]), key
+    for key, value in from_official(to_official(state)).items():
+        assert torch.equal(value, state[key]), key
+
+    with pytest.raises(ValueError, match="fusion_widths has 3 entries"):
+        film_fast.Options.from_dict(dict(base.to_dict(), fusion_pyramid_levels=3,
+                                         fusion_widths=[8, 8, 8]))
+    with pytest.raises(ValueError, match="fusion_widths entries must be positive"):
+        film_fast.Options.from_dict(dict(base.to_dict(), fusion_widths=[0]))

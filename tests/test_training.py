@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import film_fast
 from film_fast import cli
 from film_fast.training import config as config_lib
 from film_fast.training.data import (Augment, DataError, TripletSampler, VideoTriplets,
@@ -252,6 +253,22 @@ def test_shipped_default_config_is_valid():
         for p in src.get("paths", []) + src.get("textures", []):
             assert os.path.isdir(p), p
 
+
+
+def test_every_config_in_configs_validates():
+    """Every JSON under configs/ (the built-in stages, the GPU continuation, the experiments the
+    model card reports) passes the config checks, and its data folders exist in the checkout."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    names = sorted(n for n in os.listdir(os.path.join(here, "configs")) if n.endswith(".json"))
+    assert {"experiment_wide_decoder.json", "experiment_large_crops.json"} <= set(names)
+    for name in names:
+        cfg = config_lib.load_config(os.path.join(here, "configs", name))
+        config_lib.model_options(cfg)
+        for src in cfg["data"]["train"] + cfg["data"]["val"]:
+            for path in src.get("paths", []) + src.get("textures", []):
+                assert os.path.isdir(path), (name, path)
+    wide = config_lib.load_config(os.path.join(here, "configs", "experiment_wide_decoder.json"))
+    assert wide["model_init"] == "widen" and config_lib.model_options(wide).fusion_filters(0) == 32
 
 
 def test_gpu_continuation_config_starts_from_the_shipped_model():
@@ -598,6 +615,46 @@ def test_fusion_passthrough_starts_at_the_warp_average(frame_folder, tmp_path):
                                                           if k not in least]].abs().max() > 0
     with pytest.raises(config_lib.ConfigError, match="fusion_passthrough.*init"):
         _tiny_config(root, model_init="fusion_passthrough")
+
+
+def test_widen_starts_as_exactly_the_narrow_model_and_trains_the_new_channels(frame_folder,
+                                                                              tmp_path):
+    """`model_init: widen` loads a narrower model's `init` weights into a model with a wider
+    decoder (`fusion_widths`): leading blocks copied, the new channels' outgoing weights 0,
+    so the wide model computes what the narrow one did; training then uses the new width."""
+    root, _ = frame_folder
+    first = Trainer(_tiny_config(root, num_steps=2, log_every=1, checkpoint_every=2),
+                    str(tmp_path / "a"), device="cpu", progress=False)
+    first.run()
+    init = str(tmp_path / "a" / "model.safetensors")
+    narrow = film_fast.load(init).float().eval()
+    width = narrow.options.fusion_filters(0)
+    wide_model = dict(TINY_MODEL, fusion_widths=[3 * width, narrow.options.fusion_filters(1) + 2])
+    trainer = Trainer(_tiny_config(root, model=wide_model, init=init, model_init="widen"),
+                      str(tmp_path / "w"), device="cpu", progress=False)
+    wide = trainer.model.eval()
+    assert wide.options.fusion_filters(0) == 3 * width
+    out = wide.fuse.output.weight.flatten(1)
+    assert torch.equal(out[:, :width], narrow.fuse.output.weight.flatten(1))
+    assert not out[:, width:].any()
+    conv1 = wide.fuse.levels[0].convs[1].weight
+    assert not conv1[:width, width:].any() and conv1[width:].abs().sum() > 0  # new rows: random
+    x0, x1 = torch.rand(2, 3, 40, 56), torch.rand(2, 3, 40, 56)
+    with torch.no_grad():
+        want = narrow(x0, x1, 0.5)
+        torch.testing.assert_close(wide(x0, x1, 0.5), want, rtol=0, atol=1e-6)
+    trainer.model.train()
+    trainer.train_step(0)
+    assert trainer.model.fuse.output.weight.flatten(1)[:, width:].abs().max() > 0
+    with pytest.raises(config_lib.ConfigError, match="widen.*init"):
+        _tiny_config(root, model=wide_model, model_init="widen")
+    # Weights that do not fit (the wide ones into the narrow model) are named.
+    from film_fast.training.init import embed_narrower
+    with pytest.raises(ValueError, match=r"'fuse\.levels\.0\.up\.weight' has shape"):
+        embed_narrower(narrow, wide.state_dict(), source="wide")
+    with pytest.raises(ValueError, match="missing tensor"):
+        embed_narrower(wide, {k: v for k, v in narrow.state_dict().items()
+                              if k != "fuse.output.bias"})
 
 
 def test_bf16_autocast_training_step(frame_folder, tmp_path):

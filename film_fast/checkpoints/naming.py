@@ -178,9 +178,17 @@ def infer_options(state: Mapping[str, torch.Tensor], pyramid_levels: Optional[in
         flow_convs.append(n - 2)
         flow_filters.append(int(_need(state, f"{prefix}.convs.0.weight").shape[0]))
     fusion_levels = _count(state, r"fuse\.levels\.(\d+)\.up\.weight$") + 1
+    # Decoder widths: the film_net rule (filters << min(i, specialized)) unless the weights
+    # say otherwise; then every level up to the last differing one is listed explicitly.
+    widths = [int(_need(state, f"fuse.levels.{i}.up.weight").shape[0])
+              for i in range(fusion_levels - 1)]
+    differs = [i for i, w in enumerate(widths) if w != filters << min(i, specialized)]
+    fusion_widths = tuple(widths[:differs[-1] + 1]) if differs else ()
     guess = dict(fusion_pyramid_levels=fusion_levels, specialized_levels=specialized,
                  sub_levels=sub_levels, flow_convs=tuple(flow_convs),
                  flow_filters=tuple(flow_filters), filters=filters)
+    if fusion_widths:
+        guess["fusion_widths"] = fusion_widths
     if pyramid_levels is None:
         published = PUBLISHED.to_dict()
         published.pop("pyramid_levels")

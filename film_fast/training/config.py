@@ -41,7 +41,7 @@ class ConfigError(ValueError):
 DEFAULTS: Dict[str, Any] = {
     "model": {},                      # film_net Options; {} = the published config
     "init": None,                     # weights to start from (any checkpoint film_fast.load reads)
-    "model_init": "default",          # default | average_fusion | fusion_passthrough (training/init.py)
+    "model_init": "default",          # default | average_fusion | fusion_passthrough | widen (training/init.py)
     "data": {
         "crop_size": 256,             # official: 256
         "batch_size": 8,              # official: 8
@@ -147,12 +147,12 @@ def validate(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"data_workers: must be 'auto' or an integer >= 0, got {workers!r}")
     if not isinstance(cfg["eval_every"], int) or cfg["eval_every"] < 0:
         raise ConfigError(f"eval_every: must be an integer >= 0, got {cfg['eval_every']!r}")
-    from .init import INITS
+    from .init import INITS, NEEDS_INIT
     if cfg["model_init"] not in INITS:
         raise ConfigError(f"model_init: must be one of {list(INITS)}, got {cfg['model_init']!r}")
-    if cfg["model_init"] == "fusion_passthrough" and not cfg["init"]:
-        raise ConfigError("model_init 'fusion_passthrough' edits trained weights: set 'init' "
-                          "to the checkpoint to start from")
+    if cfg["model_init"] in NEEDS_INIT and not cfg["init"]:
+        raise ConfigError(f"model_init {cfg['model_init']!r} works on trained weights: set "
+                          "'init' to the checkpoint to start from")
     if cfg["precision"] not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"precision: must be auto, fp32, bf16 or fp16, got {cfg['precision']!r}")
     if cfg["export_dtype"] not in ("fp32", "fp16", "bf16"):

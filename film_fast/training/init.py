@@ -3,6 +3,10 @@
 ``fusion_passthrough`` (an edit of the ``init`` weights, applied after loading them):
 see :func:`fusion_passthrough`; the built-in model's stage 4 starts from it.
 
+``widen`` (a way of loading the ``init`` weights): the config's model is wider than the
+``init`` weights (e.g. ``fusion_widths``); see :func:`embed_narrower`. The wider model
+starts as exactly the function of the narrower one.
+
 ``average_fusion``: the finest fusion level starts as a pass-through of the mean of
 the two warped input images, so the untrained model already outputs
 ``(warp(x0) + warp(x1)) / 2`` (about frame averaging while flows are ~0) instead
@@ -32,9 +36,59 @@ from __future__ import annotations
 
 import torch
 
-INITS = ("default", "average_fusion", "fusion_passthrough")
+INITS = ("default", "average_fusion", "fusion_passthrough", "widen")
 # Applied to the weights named by ``init`` (after they are loaded), not to a random model.
 TRANSFORMS = ("fusion_passthrough",)
+# Ways of loading ``init`` into a model of another shape (need ``init``).
+LOADERS = ("widen",)
+NEEDS_INIT = TRANSFORMS + LOADERS
+
+
+@torch.no_grad()
+def embed_narrower(model, state, source: str = "init") -> int:
+    """Loads the weights of a narrower model of the same family into ``model``, keeping its function.
+
+    Every tensor of ``state`` must have the shape of ``model``'s tensor of the same name or
+    a smaller one with the same kernel size. A conv weight ``[o, i, kh, kw]`` goes into the
+    leading block ``W[:o, :i]`` of the wide ``[O, I, kh, kw]`` (bias ``b[:o]``), and
+    ``W[:o, i:] = 0``: the old output channels ignore the new input channels. The new
+    output channels ``W[o:]`` keep the model's (random) initialisation and see every input.
+
+    This preserves the function because film_fast puts a level's widened part last in
+    each channel layout: a fusion buffer is ``[level input | net]``, and ``net`` is what
+    ``fusion_widths`` widens. The new channels' outgoing weights are all 0, so the model
+    computes exactly what the narrow one did (up to summation order); those weights get
+    gradients on the first step (their inputs, the new channels, are non-zero), so the
+    extra width is trained from there. Returns the number of tensors that were widened.
+
+    Raises ValueError naming a missing, extra or ill-fitting tensor.
+    """
+    own = model.state_dict()
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise ValueError(f"{source}: tensor {extra[0]!r} is not in the model")
+    widened = 0
+    for key, target in own.items():
+        if key not in state:
+            raise ValueError(f"{source}: missing tensor {key!r} (shape {list(target.shape)})")
+        narrow = state[key].to(target.dtype)
+        if narrow.shape == target.shape:
+            target.copy_(narrow)
+            continue
+        fits = (narrow.dim() == target.dim()
+                and all(a <= b for a, b in zip(narrow.shape, target.shape))
+                and narrow.shape[2:] == target.shape[2:])
+        if not fits:
+            raise ValueError(f"{source}: tensor {key!r} has shape {list(narrow.shape)}, which "
+                             f"does not fit the leading block of the model's {list(target.shape)}")
+        o = narrow.shape[0]
+        if narrow.dim() == 1:
+            target[:o] = narrow
+        else:
+            target[:o].zero_()
+            target[:o, :narrow.shape[1]] = narrow
+        widened += 1
+    return widened
 
 
 def _carry_warp_average(model, channels) -> None:
@@ -102,7 +156,7 @@ def fusion_passthrough(model) -> list:
 
 
 def apply(model, name: str) -> None:
-    if name == "default":
+    if name in ("default", "widen"):  # widen acts when ``init`` is loaded (trainer)
         return
     if name == "average_fusion":
         average_fusion(model)

@@ -313,8 +313,16 @@ class Trainer:
             # Fine-tuning: start from existing weights (published, port, or our own); the
             # architecture must be the config's.
             from ..checkpoints import read_checkpoint
-            ckpt = read_checkpoint(cfg["init"], options=self.options)
-            self.model.load_state_dict({k: v.float() for k, v in ckpt.state.items()})
+            if model_init == "widen":  # a narrower model of the same family (init.embed_narrower)
+                from .init import embed_narrower
+                ckpt = read_checkpoint(cfg["init"])
+                try:
+                    embed_narrower(self.model, ckpt.state, source=cfg["init"])
+                except ValueError as e:
+                    raise TrainingError(f"model_init 'widen': {e}") from None
+            else:
+                ckpt = read_checkpoint(cfg["init"], options=self.options)
+                self.model.load_state_dict({k: v.float() for k, v in ckpt.state.items()})
         if model_init in TRANSFORMS:  # edits of the loaded weights (checked: init is set)
             apply_init(self.model, model_init)
         self.model.train()
