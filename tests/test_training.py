@@ -648,6 +648,11 @@ def test_widen_starts_as_exactly_the_narrow_model_and_trains_the_new_channels(fr
     assert trainer.model.fuse.output.weight.flatten(1)[:, width:].abs().max() > 0
     with pytest.raises(config_lib.ConfigError, match="widen.*init"):
         _tiny_config(root, model=wide_model, model_init="widen")
+    # Other widths (here `filters`) would interleave old and new channels: refused, named.
+    with pytest.raises(TrainingError, match=r"differs from the config's model in \['filters'\]"):
+        Trainer(_tiny_config(root, model=dict(TINY_MODEL, filters=8), init=init,
+                             model_init="widen"), str(tmp_path / "f"), device="cpu",
+                progress=False)
     # Weights that do not fit (the wide ones into the narrow model) are named.
     from film_fast.training.init import embed_narrower
     with pytest.raises(ValueError, match=r"'fuse\.levels\.0\.up\.weight' has shape"):

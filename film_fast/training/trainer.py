@@ -316,6 +316,14 @@ class Trainer:
             if model_init == "widen":  # a narrower model of the same family (init.embed_narrower)
                 from .init import embed_narrower
                 ckpt = read_checkpoint(cfg["init"])
+                # Only the decoder widths may differ: they are the one widened part that sits
+                # last in its channel layout (wider `filters` would interleave old and new).
+                mine = dict(self.options.to_dict(), fusion_widths=None)
+                theirs = dict(ckpt.options.to_dict(), fusion_widths=None)
+                if mine != theirs:
+                    diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+                    raise TrainingError(f"model_init 'widen': {cfg['init']} differs from the "
+                                        f"config's model in {diff}; only fusion_widths may differ")
                 try:
                     embed_narrower(self.model, ckpt.state, source=cfg["init"])
                 except ValueError as e:
