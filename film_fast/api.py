@@ -44,7 +44,7 @@ def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
 
 def load(path: Optional[Union[str, os.PathLike]] = None, *, device=None, dtype=None,
          backend: Optional[str] = "auto", pyramid_levels: Optional[int] = None,
-         options: Optional[Options] = None) -> FILM:
+         options: Optional[Options] = None, padding: Optional[str] = None) -> FILM:
     """Loads FILM weights from any supported checkpoint into a :class:`FILM` in eval mode.
 
     Args:
@@ -60,6 +60,9 @@ def load(path: Optional[Union[str, os.PathLike]] = None, *, device=None, dtype=N
         pyramid_levels: needed only for non-published configs whose file does not
             record it (state dicts, TF checkpoints).
         options: the full architecture, overriding inference.
+        padding: how sizes that are not multiples of ``2^(pyramid_levels-1)`` are padded:
+            ``"zeros"`` (the official wrapper's) or ``"replicate"``; default: what the
+            file records (the built-in model: ``"replicate"``), else ``"zeros"``.
     Returns:
         ``FILM``; call it as ``model(x0, x1, batch_dt)``.
     Raises:
@@ -77,7 +80,8 @@ def load(path: Optional[Union[str, os.PathLike]] = None, *, device=None, dtype=N
     target_dtype = resolve_dtype(dtype)
     target_device = resolve_device(device)
     warn_if_slow(target_device, target_dtype, f"film_fast.load(dtype={target_dtype})")
-    ckpt = read_checkpoint(path, pyramid_levels=pyramid_levels, options=options)
+    ckpt = read_checkpoint(path, pyramid_levels=pyramid_levels, options=options,
+                           padding=padding)
     with torch.device("meta"):
         model = FILM(ckpt.options, backend=backend)
     state = {k: v.to(dtype=target_dtype).contiguous() for k, v in ckpt.state.items()}

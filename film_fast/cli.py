@@ -41,7 +41,7 @@ from .prefetch import prefetch
 from .imageio import read_image, write_image
 from .interpolation import MAX_TIMES_TO_INTERPOLATE, frame_times, iter_frames, resolve_schedule
 from .model import FILM
-from .options import Options
+from .options import PADDINGS, Options
 from .stream import DEFAULT_SCENE_THRESHOLD, interpolate as interpolate_stream
 
 PROG = "film-fast"
@@ -352,7 +352,7 @@ def _interpolate_sequence(args: argparse.Namespace, paths: List[str], model=None
     _check_clip(args)
     if model is None:
         model = load(args.model, device=device, dtype=dtype, backend=args.backend,
-                     pyramid_levels=args.pyramid_levels)
+                     pyramid_levels=args.pyramid_levels, padding=getattr(args, "padding", None))
     per_pair = (1 << value) - 1 if mode == "recursive" else value
     total = (len(paths) - 1) * (per_pair + 1) + 1
     digits = max(3, len(str(total - 1)))
@@ -412,7 +412,7 @@ def _interpolate_two(args: argparse.Namespace) -> int:
     _check_clip(args)
 
     model = load(args.model, device=device, dtype=dtype, backend=args.backend,
-                 pyramid_levels=args.pyramid_levels)
+                 pyramid_levels=args.pyramid_levels, padding=args.padding)
     if isinstance(model, FILM):
         # Too large for memory as one frame: the streaming engine tiles it.
         from .tiling import choose_tiling
@@ -471,20 +471,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise InputError(f"{dst}: folder {parent} does not exist")
     if os.path.isdir(dst):
         raise InputError(f"{dst}: is a directory")
-    model = load(args.src, device="cpu", pyramid_levels=args.pyramid_levels)
+    model = load(args.src, device="cpu", pyramid_levels=args.pyramid_levels,
+                 padding=args.padding)
     save_safetensors(model, dst)
     print(f"wrote {dst}: {model.num_parameters()} parameters from {model.source}")
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    ckpt = read_checkpoint(args.model, pyramid_levels=args.pyramid_levels)
+    ckpt = read_checkpoint(args.model, pyramid_levels=args.pyramid_levels,
+                           padding=args.padding)
     count = sum(t.numel() for t in ckpt.state.values())
     lines = [f"source:     {ckpt.path}",
              f"format:     {ckpt.format}",
              f"dtype:      {_dtype_name(ckpt.dtype)}",
              f"parameters: {count} ({count / 1e6:.2f} M)",
-             f"size multiple: {ckpt.options.size_multiple} (other sizes are padded internally)",
+             f"size multiple: {ckpt.options.size_multiple} (other sizes are padded "
+             f"internally: {ckpt.options.padding})",
              "options:"]
     lines += [f"  {key}: {value}" for key, value in ckpt.options.to_dict().items()]
     print("\n".join(lines))
@@ -641,12 +644,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                              triplets))
 
     model = load(args.model, device=device, dtype=dtype, backend=args.backend,
-                 pyramid_levels=args.pyramid_levels)
+                 pyramid_levels=args.pyramid_levels, padding=args.padding)
     source = getattr(model, "source", args.model or "built-in model")
     backend = getattr(model, "backend", args.backend)
+    options = getattr(model, "options", None)  # (None: a model-like callable)
+    padding = f", {options.padding} padding" if options is not None else ""
     if not args.quiet:
-        print(f"{PROG} eval: model {source} on {device}, {_dtype_name(dtype)}, backend {backend}; "
-              "PSNR/SSIM as tf.image.psnr/ssim on RGB in [0, 1], prediction clipped, t = 0.5")
+        print(f"{PROG} eval: model {source} on {device}, {_dtype_name(dtype)}, backend "
+              f"{backend}{padding}; PSNR/SSIM as tf.image.psnr/ssim on RGB in [0, 1], "
+              "prediction clipped, t = 0.5")
     show_progress = not args.quiet and sys.stderr.isatty()
     results = []
     for label, root, layout, triplets in datasets:
@@ -675,6 +681,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         report = dict(film_fast_version=__version__, model=source, device=str(device),
                       dtype=_dtype_name(dtype), backend=backend,
+                      options=(dict(options.to_dict(), padding=options.padding)
+                               if options is not None else None),
                       protocol="official FILM eval: RGB float in [0, 1], prediction clipped to "
                                "[0, 1], batch 1, t = 0.5; tf.image.psnr and tf.image.ssim "
                                "(max_val 1) per triplet, then the mean; avg_* = frame averaging "
@@ -757,6 +765,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint: TF2 SavedModel dir, TorchScript .pt, state dict, .safetensors")
     p.add_argument("--pyramid-levels", type=_int_at_least(1), default=None, metavar="N",
                    help="pyramid levels, for non-published checkpoints that do not record it")
+    p.add_argument("--padding", choices=PADDINGS, default=None,
+                   help="padding of sizes that are not multiples of the model's size multiple: "
+                        "zeros (the official wrapper's) or replicate (default: what the "
+                        "checkpoint records; the built-in model: replicate)")
     _add_model_options(p)
     _add_sequence_options(p, tile_default=None)
     p.add_argument("--clip", default=None, metavar="FILE",
@@ -790,6 +802,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "codec when the container takes it)")
     p.add_argument("--model", default=None, metavar="PATH", help="checkpoint (see interpolate)")
     p.add_argument("--pyramid-levels", type=_int_at_least(1), default=None, metavar="N")
+    p.add_argument("--padding", choices=PADDINGS, default=None,
+                   help="padding of sizes that are not multiples of the model's size multiple: "
+                        "zeros (the official wrapper's) or replicate (default: what the "
+                        "checkpoint records; the built-in model: replicate)")
     _add_model_options(p)
     _add_sequence_options(p, tile_default="auto")
     p.add_argument("--resume", action="store_true",
@@ -805,11 +821,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC", help="any checkpoint film_fast.load reads")
     p.add_argument("dst", metavar="DST", help="output file, must end in .safetensors")
     p.add_argument("--pyramid-levels", type=_int_at_least(1), default=None, metavar="N")
+    p.add_argument("--padding", choices=PADDINGS, default=None,
+                   help="padding of sizes that are not multiples of the model's size multiple: "
+                        "zeros (the official wrapper's) or replicate (default: what the "
+                        "checkpoint records; the built-in model: replicate)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--pyramid-levels", type=_int_at_least(1), default=None, metavar="N")
+    p.add_argument("--padding", choices=PADDINGS, default=None,
+                   help="padding of sizes that are not multiples of the model's size multiple: "
+                        "zeros (the official wrapper's) or replicate (default: what the "
+                        "checkpoint records; the built-in model: replicate)")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("bench", help="frames per second with random weights")
@@ -852,6 +876,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="checkpoint (see interpolate; default: the built-in model)")
     p.add_argument("--pyramid-levels", type=_int_at_least(1), default=None, metavar="N")
+    p.add_argument("--padding", choices=PADDINGS, default=None,
+                   help="padding of sizes that are not multiples of the model's size multiple: "
+                        "zeros (the official wrapper's) or replicate (default: what the "
+                        "checkpoint records; the built-in model: replicate)")
     _add_model_options(p)
     p.add_argument("--max-examples", type=_int_at_least(1), default=None, metavar="N",
                    help="only the first N triplets of each data set")

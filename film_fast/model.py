@@ -23,7 +23,8 @@ buffer written in place by its producers (:mod:`film_fast.buffers`). Flows are
 float32 whatever the model dtype.
 
 Sizes: H and W need not be multiples of ``2^(pyramid_levels-1)``; other sizes
-are zero-padded, centred, exactly like the official wrapper, and cropped back.
+are padded, centred, and cropped back: with zeros, exactly like the official
+wrapper, or by repeating the edge pixels (``Options.padding``).
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ from .flow_estimator import PyramidFlowEstimator
 from .fusion import Fusion
 from .options import Options
 from .buffers import channel_align, new_buffer
-from .pyramid import (build_image_pyramid, crop_padding, pad_to_multiple, padding_for,
-                      synthesize_flow_pyramid)
+from .pyramid import (build_image_pyramid, crop_padding, fill_padding, pad_to_multiple,
+                      padding_for, synthesize_flow_pyramid)
 
 TimeLike = Union[torch.Tensor, float, int]
 
@@ -179,21 +180,20 @@ class FILM(nn.Module):
             # are written into the buffer's other channels: the images stay tensors of their
             # own here, copied into the buffers (also on CPU: see _dense_on_cpu).
             x = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-            x, _ = pad_to_multiple(x.to(device=device, dtype=dtype), opts.size_multiple)
+            x, _ = pad_to_multiple(x.to(device=device, dtype=dtype), opts.size_multiple,
+                                   opts.padding)
             x = x.contiguous(memory_format=self.memory_format)
             images = build_image_pyramid(x, opts.pyramid_levels, self.backend)
             for buf, im in zip(buffers, images):
                 buf[:, :3].copy_(im)
         else:
             image = buffers[0][:, :3]
-            inner = image
-            if any(pads):  # zero padding, centred (as pad_to_multiple)
-                image.zero_()
-                inner = image[..., top:top + height, left:left + width]
+            inner = image[..., top:top + height, left:left + width]
             row = 0
-            for part in parts:  # one copy per part: conversion, padding and concat in one pass
+            for part in parts:  # one copy per part: conversion and concat in one pass
                 inner[row:row + part.shape[0]].copy_(part)
                 row += part.shape[0]
+            fill_padding(image, pads, opts.padding)  # centred, as pad_to_multiple
             images = build_image_pyramid(image, opts.pyramid_levels, self.backend,
                                          out=[buf[:, :3] for buf in buffers[1:]])
         return FrameFeatures(self.extract.fill(buffers, images), pads, (height, width))

@@ -17,6 +17,9 @@ fusion width, level i     ``fusion_widths[i]`` if given, else
 fusion input, level i     ``2 * (3 + feature_channels(i)) + 4``
 ========================  ==============================================
 
+``padding`` is the one option that is not architecture: it decides what the
+model sees around inputs whose size is not a multiple of ``size_multiple``.
+
 For the published config the feature channels are 64, 192, 448, 960, 960, ...
 and the fusion 3x3 inputs 202, 522, 1162, 2442 at levels 0..3 (see
 FILM-SEMANTICS.md).
@@ -26,6 +29,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from typing import Tuple
+
+
+# Input padding modes (Options.padding); the first is the default.
+PADDINGS = ("zeros", "replicate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +53,13 @@ class Options:
             (at most ``fusion_pyramid_levels - 1`` entries; the coarsest fusion level
             has no convs). Empty (the film_net default) = no override. ``(32,)``
             doubles the built-in model's full-resolution decoder (16 channels).
+        padding: how inputs whose H or W is not a multiple of ``size_multiple`` are
+            padded (centred) before the pyramid and cropped after: ``"zeros"`` (the
+            official wrapper's, and what the published weights are matched against) or
+            ``"replicate"`` (edge pixels repeated). Not an architecture change: the
+            weights are the same, only the border the coarse levels see differs. A model
+            trained on unpadded crops never saw black borders; the built-in model gains
+            0.36 dB on DAVIS with ``"replicate"`` (see the README's model card).
     """
 
     pyramid_levels: int = 7
@@ -56,6 +70,7 @@ class Options:
     flow_filters: Tuple[int, ...] = (32, 64, 128, 256)
     filters: int = 64
     fusion_widths: Tuple[int, ...] = ()
+    padding: str = "zeros"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "flow_convs", tuple(int(v) for v in self.flow_convs))
@@ -96,6 +111,9 @@ class Options:
             raise ValueError(
                 f"Options.fusion_widths has {len(self.fusion_widths)} entries; at most "
                 f"fusion_pyramid_levels - 1 = {self.fusion_pyramid_levels - 1} levels have convs")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"Options.padding must be one of {', '.join(PADDINGS)}, got "
+                             f"{self.padding!r}")
         if any(w < 1 for w in self.fusion_widths):
             raise ValueError(f"Options.fusion_widths entries must be positive, got "
                              f"{list(self.fusion_widths)}")
@@ -134,6 +152,8 @@ class Options:
         widths = d.pop("fusion_widths")
         if widths:
             d["fusion_widths"] = list(widths)
+        if d["padding"] == "zeros":
+            del d["padding"]
         return d
 
     def to_json(self) -> str:

@@ -53,12 +53,52 @@ def padding_for(height: int, width: int, multiple: int) -> Tuple[int, int, int, 
     return (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
-    """Pads ``[B, C, H, W]`` with zeros, centred, so that H and W are multiples of ``multiple``."""
+def pad_to_multiple(x: torch.Tensor, multiple: int,
+                    mode: str = "zeros") -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
+    """Pads ``[B, C, H, W]``, centred, so that H and W are multiples of ``multiple``.
+
+    ``mode``: ``"zeros"`` (the official wrapper's) or ``"replicate"`` (edge pixels repeated;
+    any pad width, unlike reflection, so a 1-pixel-wide input still pads).
+    """
     pads = padding_for(x.shape[-2], x.shape[-1], multiple)
     if any(pads):
-        x = F.pad(x, pads)
+        if mode == "zeros":
+            x = F.pad(x, pads)
+        elif mode == "replicate":
+            x = F.pad(x, pads, mode="replicate")
+        else:
+            raise ValueError(f"unknown padding mode {mode!r}; use 'zeros' or 'replicate'")
     return x, pads
+
+
+def fill_padding(x: torch.Tensor, pads: Tuple[int, int, int, int], mode: str) -> None:
+    """Fills the border of ``x [B, C, H, W]`` around its inner ``pads``-cropped region in place,
+    as :func:`pad_to_multiple` would have: zeros, or the inner region's edge pixels repeated
+    (left and right columns over the inner rows first, then whole top and bottom rows, so
+    the corners take the corner pixels, as ``F.pad(mode="replicate")``)."""
+    left, right, top, bottom = pads
+    if not any(pads):
+        return
+    height, width = x.shape[-2] - top - bottom, x.shape[-1] - left - right
+    if mode == "zeros":
+        x[..., :top, :].zero_()
+        x[..., top + height:, :].zero_()
+        x[..., top:top + height, :left].zero_()
+        x[..., top:top + height, left + width:].zero_()
+        return
+    if mode != "replicate":
+        raise ValueError(f"unknown padding mode {mode!r}; use 'zeros' or 'replicate'")
+    rows = x[..., top:top + height, :]
+    if left:
+        rows[..., :left].copy_(rows[..., left:left + 1].expand_as(rows[..., :left]))
+    if right:
+        rows[..., left + width:].copy_(
+            rows[..., left + width - 1:left + width].expand_as(rows[..., left + width:]))
+    if top:
+        x[..., :top, :].copy_(x[..., top:top + 1, :].expand_as(x[..., :top, :]))
+    if bottom:
+        x[..., top + height:, :].copy_(
+            x[..., top + height - 1:top + height, :].expand_as(x[..., top + height:, :]))
 
 
 def crop_padding(x: torch.Tensor, pads: Tuple[int, int, int, int]) -> torch.Tensor:

@@ -922,7 +922,7 @@ def run(args, *, load_model, check_device, check_backend, resolve_dtype) -> int:
                                                                                   info.time_base)
     threshold = DEFAULT_SCENE_THRESHOLD if args.scene_threshold is None else args.scene_threshold
     model = load_model(args.model, device=device, dtype=dtype, backend=args.backend,
-                       pyramid_levels=args.pyramid_levels)
+                       pyramid_levels=args.pyramid_levels, padding=getattr(args, "padding", None))
     batch = args.batch_size
     wanted = args.segment_pairs or SEGMENT_MIN_PAIRS
     segment_pairs = batch * max(1, math.ceil(wanted / batch))  # chunks never straddle segments

@@ -91,7 +91,8 @@ def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
 
 def read_checkpoint(path: str, *, pyramid_levels: Optional[int] = None,
-                    options: Optional[Options] = None) -> Checkpoint:
+                    options: Optional[Options] = None,
+                    padding: Optional[str] = None) -> Checkpoint:
     """Reads any supported checkpoint into canonical names and infers its :class:`Options`.
 
     Args:
@@ -99,6 +100,8 @@ def read_checkpoint(path: str, *, pyramid_levels: Optional[int] = None,
         pyramid_levels: number of pyramid levels when the checkpoint does not
             record it and is not the published config.
         options: the full config, overriding inference (shapes are still checked).
+        padding: ``Options.padding`` override (``"zeros"`` | ``"replicate"``); default: the
+            file's (film_fast safetensors record it), else ``"zeros"``.
     Raises:
         CheckpointError: unreadable file, unknown format, or tensors that do not fit.
     """
@@ -166,6 +169,8 @@ def read_checkpoint(path: str, *, pyramid_levels: Optional[int] = None,
         options = infer_options(state, pyramid_levels if pyramid_levels is not None else stored_levels)
     elif pyramid_levels is not None and pyramid_levels != options.pyramid_levels:
         options = Options.from_dict(dict(options.to_dict(), pyramid_levels=pyramid_levels))
+    if padding is not None and padding != options.padding:
+        options = Options.from_dict(dict(options.to_dict(), padding=padding))
 
     from ..model import FILM  # local import: the model imports ops, not checkpoints
     with torch.device("meta"):  # shapes only: no 34 M-parameter allocation

@@ -318,8 +318,9 @@ class Trainer:
                 ckpt = read_checkpoint(cfg["init"])
                 # Only the decoder widths may differ: they are the one widened part that sits
                 # last in its channel layout (wider `filters` would interleave old and new).
-                mine = dict(self.options.to_dict(), fusion_widths=None)
-                theirs = dict(ckpt.options.to_dict(), fusion_widths=None)
+                # (padding is not architecture: the config's wins, like any init's.)
+                mine = dict(self.options.to_dict(), fusion_widths=None, padding=None)
+                theirs = dict(ckpt.options.to_dict(), fusion_widths=None, padding=None)
                 if mine != theirs:
                     diff = sorted(k for k in mine if mine[k] != theirs.get(k))
                     raise TrainingError(f"model_init 'widen': {cfg['init']} differs from the "
