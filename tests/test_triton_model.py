@@ -10,6 +10,7 @@ take ~75 s), well under a second on a GPU, where both samples run.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -130,3 +131,28 @@ def test_wider_decoder_triton_backend_matches_torch_backend():
     assert want.abs().max() > 0.01  # the decoder output is not trivially zero
     err = (got - want).abs().max().item()
     assert err <= ATOL, f"wide decoder, triton vs torch: {err:.3e}"
+
+
+def test_replicate_padding_triton_backend_matches_torch_backend():
+    """``Options.padding = "replicate"`` (the built-in model's) on a size that needs padding:
+    the Triton path writes the frames into the level buffers and fills their border in place,
+    the torch CPU path pads dense tensors; both crop back to 29 x 30."""
+    from film_fast.options import Options
+    options = Options(pyramid_levels=3, fusion_pyramid_levels=3, specialized_levels=1,
+                      sub_levels=2, flow_convs=(1, 1), flow_filters=(4, 4), filters=4,
+                      padding="replicate")
+    torch.manual_seed(0)
+    ref = film_fast.FILM(options, backend="torch").eval().to(DEVICE)
+    tri = film_fast.FILM(options, backend="triton").eval().to(DEVICE)
+    tri.load_state_dict(ref.state_dict())
+    x0, x1 = torch.rand(2, 3, 29, 30, device=DEVICE), torch.rand(2, 3, 29, 30, device=DEVICE)
+    with torch.no_grad():
+        want, got = ref(x0, x1, 0.5), tri(x0, x1, 0.5)
+        zeros = film_fast.FILM(dataclasses.replace(options, padding="zeros"),
+                               backend="torch").eval().to(DEVICE)
+        zeros.load_state_dict(ref.state_dict())
+        other = zeros(x0, x1, 0.5)
+    assert got.shape == x0.shape
+    assert (other - want).abs().max() > 1e-4  # the padding reaches the output here
+    err = (got - want).abs().max().item()
+    assert err <= ATOL, f"replicate padding, triton vs torch: {err:.3e}"
