@@ -20,7 +20,8 @@
 #
 # Order (why): 1 the headline goal (1080p fp16 against the port's fp16 TorchScript on the same GPU),
 # 2 frames/s, tensor-core fraction and peak memory at 1080p and 4K, 3 kernel and model parity on
-# the GPU, 4 the per-op kernel table, 5 the other dtypes and backends.
+# the GPU (3b: fp16/bf16 accuracy against fp32), 4 the per-op kernel table, 5 the other dtypes
+# and backends.
 # The GPU machine has torch/triton/cupy but no network: film_fast is installed without dependencies.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -99,6 +100,11 @@ fi
 step "gpu tests" 180 python -m pytest -q -x tests/test_cupy_kernels.py tests/test_triton_kernels.py \
   tests/test_backend_model_gpu.py tests/test_triton_model.py tests/test_golden_parity.py \
   -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
+
+# 3b. Accuracy of fp16 and bf16 against fp32 with the built-in model on the repo's triplets, and
+# the kernels' error against plain PyTorch's in the same dtype (the project's 2x standard).
+step "dtype accuracy" 90 python benchmarks/dtype_accuracy.py --device cuda \
+  --json "$OUT/dtype-accuracy-builtin-gpu.json"
 
 # 4. Per-op kernel table, fp16 at 1080p, forward.
 step "kernels fp16 1080p" 90 film-fast bench --kernels --device cuda --dtype fp16 --resolutions 1080p \

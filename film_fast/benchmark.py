@@ -64,7 +64,7 @@ def _matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int) -> floa
     # Big enough to reach the dense rate: 8192^3 on a GPU, 4096^3 (137 GFLOP, ~1 s) on a CPU.
     n = 8192 if device.type == "cuda" else 4096
     if device.type == "cpu" and dtype == torch.float16:
-        n = 512  # CPU fp16 matmul is emulated and ~1000x slower: keep the probe short
+        n = 512  # CPU fp16 matmul is emulated and far slower: keep the probe short
     repeats = repeats if device.type == "cuda" else min(repeats, 3)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
