@@ -9,7 +9,7 @@ import torch
 from .checkpoints import read_checkpoint
 from .errors import CheckpointError
 from .cpu_features import warn_if_slow
-from .model import FILM
+from .model import FILM, check_ensemble
 from .options import Options
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -44,7 +44,8 @@ def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
 
 def load(path: Optional[Union[str, os.PathLike]] = None, *, device=None, dtype=None,
          backend: Optional[str] = "auto", pyramid_levels: Optional[int] = None,
-         options: Optional[Options] = None, padding: Optional[str] = None) -> FILM:
+         options: Optional[Options] = None, padding: Optional[str] = None,
+         ensemble: int = 1) -> FILM:
     """Loads FILM weights from any supported checkpoint into a :class:`FILM` in eval mode.
 
     Args:
@@ -63,6 +64,8 @@ def load(path: Optional[Union[str, os.PathLike]] = None, *, device=None, dtype=N
         padding: how sizes that are not multiples of ``2^(pyramid_levels-1)`` are padded:
             ``"zeros"`` (the official wrapper's) or ``"replicate"``; default: what the
             file records (the built-in model: ``"replicate"``), else ``"zeros"``.
+        ensemble: test-time flip ensemble, 1 (off) to 4 (:meth:`FILM.set_ensemble`): N times
+            the work for a better frame.
     Returns:
         ``FILM``; call it as ``model(x0, x1, batch_dt)``.
     Raises:
@@ -77,6 +80,7 @@ def load(path: Optional[Union[str, os.PathLike]] = None, *, device=None, dtype=N
                 "film_fast.load('pretrained_models/film_net/Style/saved_model') (official TF2); "
                 "see the README's 'Weights' section")
         path = BUILTIN_MODEL
+    check_ensemble(ensemble)  # before any file is read
     target_dtype = resolve_dtype(dtype)
     target_device = resolve_device(device)
     warn_if_slow(target_device, target_dtype, f"film_fast.load(dtype={target_dtype})")
@@ -88,4 +92,4 @@ def load(path: Optional[Union[str, os.PathLike]] = None, *, device=None, dtype=N
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(target_device)
     model.source = ckpt.describe()
-    return model.eval()
+    return model.set_ensemble(ensemble).eval()

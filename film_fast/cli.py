@@ -352,7 +352,8 @@ def _interpolate_sequence(args: argparse.Namespace, paths: List[str], model=None
     _check_clip(args)
     if model is None:
         model = load(args.model, device=device, dtype=dtype, backend=args.backend,
-                     pyramid_levels=args.pyramid_levels, padding=getattr(args, "padding", None))
+                     pyramid_levels=args.pyramid_levels, padding=getattr(args, "padding", None),
+                     ensemble=getattr(args, "ensemble", 1))
     per_pair = (1 << value) - 1 if mode == "recursive" else value
     total = (len(paths) - 1) * (per_pair + 1) + 1
     digits = max(3, len(str(total - 1)))
@@ -392,8 +393,14 @@ def _interpolate_sequence(args: argparse.Namespace, paths: List[str], model=None
         print(f"wrote {written} frames to {out_dir} (frame_{0:0{digits}d}.png .. {last})")
         inner = written - len(paths)
         print(f"{inner} in-between frame(s) from {len(paths)} input frames in {elapsed:.1f} s; "
-              f"model {model.source} on {device}, {_dtype_name(dtype)}, backend {model.backend}")
+              f"model {model.source} on {device}, {_dtype_name(dtype)}, backend {model.backend}"
+              f"{_ensemble_note(model)}")
     return 0
+
+
+def _ensemble_note(model) -> str:
+    k = getattr(model, "ensemble", 1)
+    return f", flip ensemble of {k}" if k > 1 else ""
 
 
 def _interpolate_two(args: argparse.Namespace) -> int:
@@ -412,13 +419,15 @@ def _interpolate_two(args: argparse.Namespace) -> int:
     _check_clip(args)
 
     model = load(args.model, device=device, dtype=dtype, backend=args.backend,
-                 pyramid_levels=args.pyramid_levels, padding=args.padding)
+                 pyramid_levels=args.pyramid_levels, padding=args.padding,
+                 ensemble=args.ensemble)
     if isinstance(model, FILM):
         # Too large for memory as one frame: the streaming engine tiles it.
         from .tiling import choose_tiling
         height, width = frame0.shape[1:]
-        if choose_tiling("auto", model.options, height, width, device=device,
-                         dtype=dtype).tile is not None:
+        k = model.ensemble
+        if choose_tiling("auto", model.options, height, width, device=device, dtype=dtype,
+                         batch=k, held=3.0 * k).tile is not None:
             return _interpolate_sequence(args, [args.frame0, args.frame1], model=model)
     times = frame_times(args.times_to_interpolate, args.num_frames)
     digits = max(3, len(str(len(times) - 1)))
@@ -457,7 +466,7 @@ def _interpolate_two(args: argparse.Namespace) -> int:
         print(f"wrote {written} frames to {out_dir} (frame_{0:0{digits}d}.png .. {last})")
         per = f", {compute / inner:.3f} s each" if inner > 0 else ""
         print(f"{inner} in-between frame(s){per}; model {model.source} on {device}, "
-              f"{_dtype_name(dtype)}, backend {model.backend}")
+              f"{_dtype_name(dtype)}, backend {model.backend}{_ensemble_note(model)}")
     return 0
 
 
@@ -644,11 +653,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                              triplets))
 
     model = load(args.model, device=device, dtype=dtype, backend=args.backend,
-                 pyramid_levels=args.pyramid_levels, padding=args.padding)
+                 pyramid_levels=args.pyramid_levels, padding=args.padding,
+                 ensemble=args.ensemble)
     source = getattr(model, "source", args.model or "built-in model")
     backend = getattr(model, "backend", args.backend)
     options = getattr(model, "options", None)  # (None: a model-like callable)
     padding = f", {options.padding} padding" if options is not None else ""
+    ensemble = getattr(model, "ensemble", 1)
+    if ensemble > 1:
+        padding += f", flip ensemble of {ensemble}"
     if not args.quiet:
         print(f"{PROG} eval: model {source} on {device}, {_dtype_name(dtype)}, backend "
               f"{backend}{padding}; PSNR/SSIM as tf.image.psnr/ssim on RGB in [0, 1], "
@@ -683,6 +696,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       dtype=_dtype_name(dtype), backend=backend,
                       options=(dict(options.to_dict(), padding=options.padding)
                                if options is not None else None),
+                      ensemble=ensemble,
                       protocol="official FILM eval: RGB float in [0, 1], prediction clipped to "
                                "[0, 1], batch 1, t = 0.5; tf.image.psnr and tf.image.ssim "
                                "(max_val 1) per triplet, then the mean; avg_* = frame averaging "
@@ -769,6 +783,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padding of sizes that are not multiples of the model's size multiple: "
                         "zeros (the official wrapper's) or replicate (default: what the "
                         "checkpoint records; the built-in model: replicate)")
+    p.add_argument("--ensemble", type=int, choices=(1, 2, 3, 4), default=1, metavar="N",
+                   help="test-time flip ensemble: average the model over N flipped copies of "
+                        "each pair (1 off, default; 2 + horizontal flip; 3 + vertical; 4 + both): "
+                        "N times the time for a better frame")
     _add_model_options(p)
     _add_sequence_options(p, tile_default=None)
     p.add_argument("--clip", default=None, metavar="FILE",
@@ -806,6 +824,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padding of sizes that are not multiples of the model's size multiple: "
                         "zeros (the official wrapper's) or replicate (default: what the "
                         "checkpoint records; the built-in model: replicate)")
+    p.add_argument("--ensemble", type=int, choices=(1, 2, 3, 4), default=1, metavar="N",
+                   help="test-time flip ensemble: average the model over N flipped copies of "
+                        "each pair (1 off, default; 2 + horizontal flip; 3 + vertical; 4 + both): "
+                        "N times the time for a better frame")
     _add_model_options(p)
     _add_sequence_options(p, tile_default="auto")
     p.add_argument("--resume", action="store_true",
@@ -880,6 +902,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padding of sizes that are not multiples of the model's size multiple: "
                         "zeros (the official wrapper's) or replicate (default: what the "
                         "checkpoint records; the built-in model: replicate)")
+    p.add_argument("--ensemble", type=int, choices=(1, 2, 3, 4), default=1, metavar="N",
+                   help="test-time flip ensemble: average the model over N flipped copies of "
+                        "each pair (1 off, default; 2 + horizontal flip; 3 + vertical; 4 + both): "
+                        "N times the time for a better frame")
     _add_model_options(p)
     p.add_argument("--max-examples", type=_int_at_least(1), default=None, metavar="N",
                    help="only the first N triplets of each data set")

@@ -46,14 +46,61 @@ from .pyramid import (build_image_pyramid, crop_padding, fill_padding, pad_to_mu
 TimeLike = Union[torch.Tensor, float, int]
 
 
+# Test-time flip ensemble (FILM.ensemble = N): variant v of a frame is the frame flipped over
+# these dims, the model runs on every variant, and each output is flipped back (every flip is
+# its own inverse) before the N are averaged. Identity, horizontal, vertical, both: the order of
+# the measured gains (built-in model, DAVIS / UCF101 over frame averaging: 1 +4.25 / +3.06,
+# 2 +4.42 / +3.25, 3 +4.50 / +3.36, 4 +4.53 / +3.37 dB).
+FLIPS: Tuple[Tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
+
+def with_variants(frames: torch.Tensor, variants: int) -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N * variants, C, H, W]``: each frame followed by its flipped variants
+    (frame-major, so that slicing rows by frame keeps a frame's variants together)."""
+    if variants == 1:
+        return frames
+    return torch.stack([frames.flip(dims) if dims else frames for dims in FLIPS[:variants]],
+                       dim=1).flatten(0, 1)
+
+
+def merge_variants(images: torch.Tensor, variants: int) -> torch.Tensor:
+    """``[N * variants, C, H, W]`` outputs of :func:`with_variants` inputs -> their ``[N, C, H, W]``
+    mean, each variant flipped back first."""
+    if variants == 1:
+        return images
+    rows = images.unflatten(0, (-1, variants))
+    return torch.stack([rows[:, v].flip(dims) if dims else rows[:, v]
+                        for v, dims in enumerate(FLIPS[:variants])]).mean(dim=0)
+
+
+def check_ensemble(variants) -> int:
+    """``variants`` if it is a valid :attr:`FILM.ensemble` (an int, 1 to 4), else ValueError."""
+    if not isinstance(variants, int) or isinstance(variants, bool) or \
+            not 1 <= variants <= len(FLIPS):
+        raise ValueError(f"ensemble must be an int from 1 (off) to {len(FLIPS)}, got {variants!r}")
+    return variants
+
+
 @dataclass
 class FrameFeatures:
-    """Encoded frames (:meth:`FILM.encode`): per-level ``[N, 3 + C_i, H>>i, W>>i]`` buffers
-    (padded image, then cascaded features; channels_last), the padding and the original size."""
+    """Encoded frames (:meth:`FILM.encode`): per-level ``[N * variants, 3 + C_i, H>>i, W>>i]``
+    buffers (padded image, then cascaded features; channels_last), the padding, the original
+    size, and how many flip variants each frame has (rows ``[frame 0 variants; frame 1 ...]``;
+    1 unless the model's ``ensemble`` was set when encoding)."""
 
     levels: List[torch.Tensor]
     pads: Tuple[int, int, int, int]
     size: Tuple[int, int]
+    variants: int = 1
+
+    @property
+    def frames(self) -> int:
+        return self.levels[0].shape[0] // self.variants
+
+    def rows(self, start: int, stop: int) -> "FrameFeatures":
+        """Frames ``start:stop`` (with all their variants)."""
+        k = self.variants
+        return FrameFeatures([lv[start * k:stop * k] for lv in self.levels], self.pads, self.size, k)
 
 
 class FILM(nn.Module):
@@ -66,6 +113,10 @@ class FILM(nn.Module):
 
     Attributes:
         source: where the weights came from (file and format), for ``info``.
+        ensemble: test-time flip ensemble, 1 (off, default) to 4: every frame pair also runs
+            horizontally flipped (2), vertically flipped (3) and both (4), and the outputs are
+            flipped back and averaged. N times the work for a better frame; see
+            :meth:`set_ensemble`.
     """
 
     def __init__(self, options: Optional[Options] = None, *, backend: Optional[str] = None) -> None:
@@ -77,6 +128,7 @@ class FILM(nn.Module):
         self.source = "random initialisation"
         self.backend = "auto"
         self.memory_format = torch.channels_last
+        self.ensemble = 1
         self.set_backend(backend)
 
     # ---- configuration ----------------------------------------------------------------
@@ -87,6 +139,17 @@ class FILM(nn.Module):
         for module in self.modules():
             if hasattr(module, "backend") and module is not self:
                 module.backend = name
+        return self
+
+    def set_ensemble(self, variants: int) -> "FILM":
+        """Runs every interpolation on ``variants`` (1-4) flipped copies of the pair and averages
+        the flipped-back outputs (:data:`FLIPS`); returns self.
+
+        1 is the plain model. Costs ``variants`` times the time and activation memory; the
+        built-in model gains 0.17-0.19 dB with 2 and 0.27-0.31 dB with 4 on DAVIS / UCF101.
+        :meth:`debug_forward` always runs the plain model (its intermediates are per pass).
+        """
+        self.ensemble = check_ensemble(variants)
         return self
 
     @property
@@ -150,10 +213,11 @@ class FILM(nn.Module):
         if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[1] != 3:
             shape = list(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
             raise ValueError(f"frames must be [N, 3, H, W], got {shape}")
-        return self._encode([frames])
+        return self._encode([frames], self.ensemble)
 
-    def _encode(self, parts: List[torch.Tensor]) -> FrameFeatures:
-        """:meth:`encode` of the frames ``torch.cat(parts)`` (same H and W), without the concat.
+    def _encode(self, parts: List[torch.Tensor], variants: int = 1) -> FrameFeatures:
+        """:meth:`encode` of the frames ``torch.cat(parts)`` (same H and W), without the concat,
+        each frame followed by ``variants - 1`` flipped copies (:func:`with_variants`).
 
         The level buffers are allocated first and, without autograd, every image goes
         straight into its image channels: the frames are converted (device, dtype), padded
@@ -164,6 +228,7 @@ class FILM(nn.Module):
         dtype, device = self.dtype, self.device
         if device.type == "cpu" and not torch.compiler.is_compiling():
             cpu_memory.ensure()  # reuse freed pages across frames (see film_fast.cpu_memory)
+        parts = [with_variants(p, variants) for p in parts]
         height, width = parts[0].shape[-2:]
         pads = padding_for(height, width, opts.size_multiple)
         left, right, top, bottom = pads
@@ -196,24 +261,37 @@ class FILM(nn.Module):
             fill_padding(image, pads, opts.padding)  # centred, as pad_to_multiple
             images = build_image_pyramid(image, opts.pyramid_levels, self.backend,
                                          out=[buf[:, :3] for buf in buffers[1:]])
-        return FrameFeatures(self.extract.fill(buffers, images), pads, (height, width))
+        return FrameFeatures(self.extract.fill(buffers, images), pads, (height, width), variants)
 
     def interpolate_encoded(self, f0: FrameFeatures, f1: FrameFeatures,
                             batch_dt: TimeLike = 0.5) -> torch.Tensor:
         """The frame at ``batch_dt`` between two encoded batches (same N and size): ``[N, 3, H, W]``."""
+        if f0.variants != f1.variants:
+            raise ValueError(f"encoded frames differ in flip variants: {f0.variants} vs "
+                             f"{f1.variants} (encode both with the same ensemble)")
         if f0.size != f1.size or f0.levels[0].shape != f1.levels[0].shape:
-            raise ValueError(f"encoded frames differ in size: {f0.size} vs {f1.size}")
-        batch = f0.levels[0].shape[0]
-        dt = self._check_time(batch_dt, batch)
+            raise ValueError(f"encoded frames differ in size or count: {f0.size} x {f0.frames} "
+                             f"vs {f1.size} x {f1.frames}")
+        k = f0.variants
+        dt = self._check_time(batch_dt, f0.frames)
         levels = [torch.cat([a, b], dim=0) for a, b in zip(f0.levels, f1.levels)]
-        return self._decode(levels, f0.pads, batch, dt, debug=False)["image"]
+        if k == 1:
+            return self._decode(levels, f0.pads, f0.frames, dt, debug=False)["image"]
+        image = self._decode(levels, f0.pads, f0.frames * k, dt.repeat_interleave(k),
+                             debug=False)["image"]
+        return merge_variants(image, k)
 
     def _run(self, x0: torch.Tensor, x1: torch.Tensor, dt: torch.Tensor,
              debug: bool) -> Dict[str, object]:
-        batch = x0.shape[0]
-        # Both frames through the extractor as one batch: [2B, 3 + C_i] level buffers.
-        enc = self._encode([x0, x1])
-        return self._decode(enc.levels, enc.pads, batch, dt, debug)
+        # Both frames through the extractor as one batch: [2B, 3 + C_i] level buffers (with an
+        # ensemble of k flips: [2Bk, ...], each frame's variants together).
+        k = 1 if debug else self.ensemble
+        enc = self._encode([x0, x1], k)
+        if k == 1:
+            return self._decode(enc.levels, enc.pads, x0.shape[0], dt, debug)
+        out = self._decode(enc.levels, enc.pads, x0.shape[0] * k, dt.repeat_interleave(k), debug)
+        out["image"] = merge_variants(out["image"], k)
+        return out
 
     def _decode(self, levels: List[torch.Tensor], pads, batch: int, dt: torch.Tensor,
                 debug: bool) -> Dict[str, object]:

@@ -44,7 +44,7 @@ def synthesize_flow_pyramid(residuals: Sequence[torch.Tensor], keep: int,
 
 
 def padding_for(height: int, width: int, multiple: int) -> Tuple[int, int, int, int]:
-    """Centred zero padding ``(left, right, top, bottom)`` to the next multiple, as the official wrapper.
+    """Centred padding ``(left, right, top, bottom)`` to the next multiple, as the official wrapper.
 
     The official code pads ``pad // 2`` before and the rest after on each axis.
     """

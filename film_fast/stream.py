@@ -260,13 +260,12 @@ def _gather(features: Sequence[FrameFeatures]) -> FrameFeatures:
         return features[0]
     first = features[0]
     levels = [torch.cat([f.levels[i] for f in features]) for i in range(len(first.levels))]
-    return FrameFeatures(levels, first.pads, first.size)
+    return FrameFeatures(levels, first.pads, first.size, first.variants)
 
 
 def _split(features: FrameFeatures) -> List[FrameFeatures]:
-    count = features.levels[0].shape[0]
-    return [FrameFeatures([lv[i:i + 1] for lv in features.levels], features.pads, features.size)
-            for i in range(count)]
+    """One FrameFeatures per frame (each with its flip variants, see FILM.ensemble)."""
+    return [features.rows(i, i + 1) for i in range(features.frames)]
 
 
 class _Runner:
@@ -304,8 +303,7 @@ class _Runner:
                 else:  # both ends' tiles encoded together, as FILM.forward does
                     crops = torch.stack([n.image[:, y0:y1, x0:x1] for n in list(a) + list(b)])
                     enc = self.model.encode(crops)
-                    fa = FrameFeatures([lv[:count] for lv in enc.levels], enc.pads, enc.size)
-                    fb = FrameFeatures([lv[count:] for lv in enc.levels], enc.pads, enc.size)
+                    fa, fb = enc.rows(0, count), enc.rows(count, 2 * count)
                 outputs.append(self.model.interpolate_encoded(fa, fb, dt))
             if self.grid.full_frame:
                 return outputs[0]
@@ -379,8 +377,10 @@ def run_stream(model, frames: Iterable[FrameLike], plan_for: Callable[[int], Pai
     if isinstance(tile, Tiling):
         tiling = tile
     else:
+        # A flip ensemble (FILM.ensemble) multiplies every encoded frame and call by its size.
+        k = getattr(model, "ensemble", 1)
         tiling = choose_tiling(tile, model.options, height, width, device=device, dtype=dtype,
-                               batch=batch_size, held=held, budget=budget)
+                               batch=batch_size * k, held=held * k, budget=budget)
     if on_start is not None:
         on_start(tiling, height, width)
     runner = _Runner(model, height, width, tiling)

@@ -922,7 +922,8 @@ def run(args, *, load_model, check_device, check_backend, resolve_dtype) -> int:
                                                                                   info.time_base)
     threshold = DEFAULT_SCENE_THRESHOLD if args.scene_threshold is None else args.scene_threshold
     model = load_model(args.model, device=device, dtype=dtype, backend=args.backend,
-                       pyramid_levels=args.pyramid_levels, padding=getattr(args, "padding", None))
+                       pyramid_levels=args.pyramid_levels, padding=getattr(args, "padding", None),
+                       ensemble=getattr(args, "ensemble", 1))
     batch = args.batch_size
     wanted = args.segment_pairs or SEGMENT_MIN_PAIRS
     segment_pairs = batch * max(1, math.ceil(wanted / batch))  # chunks never straddle segments
@@ -950,11 +951,14 @@ def _job_params(args, info, timing, threshold, model_path, dtype, batch, segment
         "segment_pairs": segment_pairs,
         "dtype": str(dtype).replace("torch.", ""),
         "bit_depth": info.work_depth,
+        # Both change the frames: --padding (None: the checkpoint's) and --ensemble.
+        "padding": getattr(args, "padding", None),
+        "ensemble": getattr(args, "ensemble", 1),
     }
 
 
 # Values of job parameters that manifests written before the parameter existed had.
-_PARAM_DEFAULTS = {"bit_depth": 8}
+_PARAM_DEFAULTS = {"bit_depth": 8, "padding": None, "ensemble": 1}
 
 
 def _prepare_work(args, work: str, params: dict, tiling_auto) -> dict:
@@ -1000,8 +1004,9 @@ def _run_job(args, dist_env: Dist, info: VideoInfo, out_abs: str, work: str, fmt
             ratio = float(timing.fps / info.rate) if info.rate else 2.0
             live = max(1, math.ceil(math.log2(max(ratio, 1.0))))
         held = (batch + 1) + batch * live
+        k = getattr(model, "ensemble", 1)  # a flip ensemble multiplies frames and calls
         t = choose_tiling(args.tile, model.options, info.height, info.width, device=device,
-                          dtype=dtype, batch=batch, held=held)
+                          dtype=dtype, batch=batch * k, held=held * k)
         return t.tile, t.reuse
 
     status = None

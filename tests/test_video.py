@@ -151,6 +151,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(media, reference, sm
     code, _, err = run_cli(capsys, *args[:-4], "--factor", "3", "--model", small_safetensors,
                            "--resume")
     assert code == 2 and "factor was 2" in one_error_line(err)
+    code, _, err = run_cli(capsys, *args, "--ensemble", "2", "--resume")  # changes the frames
+    assert code == 2 and "ensemble was 1, now 2" in one_error_line(err)
     calls = []
     real = film_fast.FILM.interpolate_encoded
 
