@@ -728,6 +728,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ---- parser and entry point ------------------------------------------------------------------
+def _add_inference_options(p: argparse.ArgumentParser, ensemble: bool = True) -> None:
+    """--padding (and --ensemble): how a loaded checkpoint runs, beyond its weights."""
+    p.add_argument("--padding", choices=PADDINGS, default=None,
+                   help="padding of sizes that are not multiples of the model's size multiple: "
+                        "zeros (the official wrapper's) or replicate (default: what the "
+                        "checkpoint records; the built-in model: replicate)")
+    if ensemble:
+        p.add_argument("--ensemble", type=int, choices=(1, 2, 3, 4), default=1, metavar="N",
+                       help="test-time flip ensemble: average the model over N flipped copies "
+                            "of each pair (1 off, default; 2 + horizontal flip; 3 + vertical; "
+                            "4 + both): N times the time for a better frame")
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
@@ -779,14 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint: TF2 SavedModel dir, TorchScript .pt, state dict, .safetensors")
     p.add_argument("--pyramid-levels", type=_int_at_least(1), default=None, metavar="N",
                    help="pyramid levels, for non-published checkpoints that do not record it")
-    p.add_argument("--padding", choices=PADDINGS, default=None,
-                   help="padding of sizes that are not multiples of the model's size multiple: "
-                        "zeros (the official wrapper's) or replicate (default: what the "
-                        "checkpoint records; the built-in model: replicate)")
-    p.add_argument("--ensemble", type=int, choices=(1, 2, 3, 4), default=1, metavar="N",
-                   help="test-time flip ensemble: average the model over N flipped copies of "
-                        "each pair (1 off, default; 2 + horizontal flip; 3 + vertical; 4 + both): "
-                        "N times the time for a better frame")
+    _add_inference_options(p)
     _add_model_options(p)
     _add_sequence_options(p, tile_default=None)
     p.add_argument("--clip", default=None, metavar="FILE",
@@ -820,14 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "codec when the container takes it)")
     p.add_argument("--model", default=None, metavar="PATH", help="checkpoint (see interpolate)")
     p.add_argument("--pyramid-levels", type=_int_at_least(1), default=None, metavar="N")
-    p.add_argument("--padding", choices=PADDINGS, default=None,
-                   help="padding of sizes that are not multiples of the model's size multiple: "
-                        "zeros (the official wrapper's) or replicate (default: what the "
-                        "checkpoint records; the built-in model: replicate)")
-    p.add_argument("--ensemble", type=int, choices=(1, 2, 3, 4), default=1, metavar="N",
-                   help="test-time flip ensemble: average the model over N flipped copies of "
-                        "each pair (1 off, default; 2 + horizontal flip; 3 + vertical; 4 + both): "
-                        "N times the time for a better frame")
+    _add_inference_options(p)
     _add_model_options(p)
     _add_sequence_options(p, tile_default="auto")
     p.add_argument("--resume", action="store_true",
@@ -843,19 +842,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC", help="any checkpoint film_fast.load reads")
     p.add_argument("dst", metavar="DST", help="output file, must end in .safetensors")
     p.add_argument("--pyramid-levels", type=_int_at_least(1), default=None, metavar="N")
-    p.add_argument("--padding", choices=PADDINGS, default=None,
-                   help="padding of sizes that are not multiples of the model's size multiple: "
-                        "zeros (the official wrapper's) or replicate (default: what the "
-                        "checkpoint records; the built-in model: replicate)")
+    _add_inference_options(p, ensemble=False)
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--pyramid-levels", type=_int_at_least(1), default=None, metavar="N")
-    p.add_argument("--padding", choices=PADDINGS, default=None,
-                   help="padding of sizes that are not multiples of the model's size multiple: "
-                        "zeros (the official wrapper's) or replicate (default: what the "
-                        "checkpoint records; the built-in model: replicate)")
+    _add_inference_options(p, ensemble=False)
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("bench", help="frames per second with random weights")
@@ -898,14 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="checkpoint (see interpolate; default: the built-in model)")
     p.add_argument("--pyramid-levels", type=_int_at_least(1), default=None, metavar="N")
-    p.add_argument("--padding", choices=PADDINGS, default=None,
-                   help="padding of sizes that are not multiples of the model's size multiple: "
-                        "zeros (the official wrapper's) or replicate (default: what the "
-                        "checkpoint records; the built-in model: replicate)")
-    p.add_argument("--ensemble", type=int, choices=(1, 2, 3, 4), default=1, metavar="N",
-                   help="test-time flip ensemble: average the model over N flipped copies of "
-                        "each pair (1 off, default; 2 + horizontal flip; 3 + vertical; 4 + both): "
-                        "N times the time for a better frame")
+    _add_inference_options(p)
     _add_model_options(p)
     p.add_argument("--max-examples", type=_int_at_least(1), default=None, metavar="N",
                    help="only the first N triplets of each data set")

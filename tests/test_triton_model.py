@@ -111,6 +111,15 @@ def test_triton_kernel_launches_per_forward(monkeypatch, widths, dtype, aten_ops
     assert "aten.contiguous" not in aten  # conv weights are packed once, not per call
 
 
+def _torch_and_triton(options):
+    """Two models with the same random weights (seed 0), on the torch and Triton backends."""
+    torch.manual_seed(0)
+    ref = film_fast.FILM(options, backend="torch").eval().to(DEVICE)
+    tri = film_fast.FILM(options, backend="triton").eval().to(DEVICE)
+    tri.load_state_dict(ref.state_dict())
+    return ref, tri
+
+
 def test_wider_decoder_triton_backend_matches_torch_backend():
     """``Options.fusion_widths`` (the built-in model widens its level-0 decoder 16 -> 32): the
     Triton convs, which read the fusion buffers ``[level input | net | pad]`` in place, get
@@ -121,10 +130,7 @@ def test_wider_decoder_triton_backend_matches_torch_backend():
     options = Options(pyramid_levels=3, fusion_pyramid_levels=3, specialized_levels=1,
                       sub_levels=2, flow_convs=(1, 1), flow_filters=(4, 4), filters=4,
                       fusion_widths=(12, 6))
-    torch.manual_seed(0)
-    ref = film_fast.FILM(options, backend="torch").eval().to(DEVICE)
-    tri = film_fast.FILM(options, backend="triton").eval().to(DEVICE)
-    tri.load_state_dict(ref.state_dict())
+    ref, tri = _torch_and_triton(options)
     x0, x1 = torch.rand(1, 3, 32, 32, device=DEVICE), torch.rand(1, 3, 32, 32, device=DEVICE)
     with torch.no_grad():
         want, got = ref(x0, x1, 0.5), tri(x0, x1, 0.5)
@@ -141,10 +147,7 @@ def test_replicate_padding_triton_backend_matches_torch_backend():
     options = Options(pyramid_levels=3, fusion_pyramid_levels=3, specialized_levels=1,
                       sub_levels=2, flow_convs=(1, 1), flow_filters=(4, 4), filters=4,
                       padding="replicate")
-    torch.manual_seed(0)
-    ref = film_fast.FILM(options, backend="torch").eval().to(DEVICE)
-    tri = film_fast.FILM(options, backend="triton").eval().to(DEVICE)
-    tri.load_state_dict(ref.state_dict())
+    ref, tri = _torch_and_triton(options)
     x0, x1 = torch.rand(2, 3, 29, 30, device=DEVICE), torch.rand(2, 3, 29, 30, device=DEVICE)
     with torch.no_grad():
         want, got = ref(x0, x1, 0.5), tri(x0, x1, 0.5)
