@@ -118,7 +118,9 @@ class CUDAGraphFILM:
         device = self.model.device
         x0 = x0.to(device=device, dtype=self.model.dtype)
         x1 = x1.to(device=device, dtype=self.model.dtype)
-        key = (tuple(x0.shape), x0.dtype, str(device))
+        # The ensemble is part of what a graph captured (model.set_ensemble after a capture
+        # must not replay the old one).
+        key = (tuple(x0.shape), x0.dtype, str(device), self.model.ensemble)
         entry = self._graphs.get(key)
         if entry is None:
             entry = capture(self._forward, (x0, x1, dt), warmup=self.warmup, pool=self._pool)

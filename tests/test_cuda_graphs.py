@@ -38,5 +38,10 @@ def test_replay_equals_eager(small_model, backend):
             x = torch.rand(shape, device="cuda", generator=g)
             graphed(x, x, 0.5)
         assert len(graphed._graphs) == 2
+        # A flip ensemble set after a capture gets a capture of its own, not the old replay.
+        x1 = torch.rand(1, 3, 32, 64, device="cuda", generator=g)
+        model.set_ensemble(2)
+        torch.testing.assert_close(graphed(x, x1, 0.5), model(x, x1, 0.5), rtol=0, atol=1e-6)
+        model.set_ensemble(1)
     with pytest.raises(CUDAGraphError, match="inference"):
         graphed(x0, x0, 0.5)  # grad mode on
