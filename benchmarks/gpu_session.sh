@@ -19,7 +19,7 @@
 #             everything stays under the 64 MiB a call may carry.
 #
 # Order (why): 1 the headline goal (1080p fp16 against the port's fp16 TorchScript on the same GPU),
-# 2 frames/s, tensor-core fraction and peak memory at 1080p and 4K, 3 kernel and model parity on
+# 2 frames/s, tensor-core fraction and peak memory at 1080p and 4K (2a: against the prediction), 3 kernel and model parity on
 # the GPU (3b: fp16/bf16 accuracy against fp32), 4 the per-op kernel table, 5 the other dtypes
 # and backends.
 # The GPU machine has torch/triton/cupy but no network: film_fast is installed without dependencies.
@@ -76,6 +76,13 @@ fi
 step "bench fp16 auto" 120 film-fast bench --device cuda --dtype fp16 --backend auto \
   --sizes 1920x1080,3840x2160 --iters 10 --warmup 3 --json "$OUT/bench-gpu-fp16-auto.json"
 
+# 2a. Peak memory: the dry-run prediction (film-fast bench --memory-plan, exact on the CPU) against
+# torch.cuda.max_memory_allocated of a fresh model's first call, 1080p and 4K fp16, both backends.
+for be in triton torch; do
+  step "memory check fp16 $be" 60 python benchmarks/memory_check.py --device cuda \
+    --sizes 1920x1080,3840x2160 --dtype fp16 --backend "$be" --json "$OUT/memory-check-gpu-fp16-$be.json"
+done
+
 # 2b. Optional: train the built-in model further on GPU-scale batches and crops (its goals are met
 # on CPU since session 9; this is for a better model, not a required one).
 TRAIN_S="${TRAIN_S:-0}"
@@ -99,6 +106,7 @@ fi
 # 3. Correctness on the GPU: kernel parity (triton + cupy) and model golden parity.
 step "gpu tests" 180 python -m pytest -q -x tests/test_cupy_kernels.py tests/test_triton_kernels.py \
   tests/test_backend_model_gpu.py tests/test_triton_model.py tests/test_golden_parity.py \
+  tests/test_memory_plan.py \
   -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
 
 # 3b. Accuracy of fp16 and bf16 against fp32 with the built-in model on the repo's triplets, and

@@ -6,8 +6,10 @@ Used by ``film-fast bench``. Every number is measured on the machine it runs on:
   dtype (2048^3 on CPU, 8192^3 on CUDA), the best dense rate this device gives
   PyTorch; a frame's conv FLOPs (:func:`film_fast.flops.conv_flops`) divided by
   its time, over that ceiling, is the fraction reported;
-* peak memory is ``torch.cuda.max_memory_allocated`` per size on CUDA, and the
-  process's peak resident set size on CPU (monotonic over the run);
+* peak memory on CUDA is ``torch.cuda.max_memory_allocated`` of one more call of the
+  model alone (:func:`cuda_call_peak`: its weights, inputs and activations, not the
+  baseline's), and on CPU the process's peak resident set size (monotonic over the run);
+  ``film-fast bench --memory-plan`` predicts the CUDA number without a GPU;
 * when a kernel backend is benchmarked, the torch reference backend runs on
   the same weights and inputs, interleaved, and the speedup is their ratio.
 """
@@ -134,6 +136,24 @@ def _time_once(model: FILM, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
     return time.perf_counter() - t0
 
 
+def cuda_call_peak(model: FILM, x0: torch.Tensor, x1: torch.Tensor, t) -> int:
+    """Peak ``torch.cuda.max_memory_allocated`` of one warm ``model(x0, x1, t)``: the
+    model's weights, the inputs and what the call allocates, not whatever else is resident
+    (another model, earlier sizes' tensors, this model's caches from earlier calls).
+    :attr:`film_fast.memory_plan.MemoryPlan.warm_peak_bytes` predicts it without a GPU."""
+    device = x0.device
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        y = model(x0, x1, t)
+    sync(device)
+    del y
+    growth = torch.cuda.max_memory_allocated(device) - before
+    own = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    return growth + own + x0.untyped_storage().nbytes() + x1.untyped_storage().nbytes()
+
+
 def bench_sizes(model: FILM, sizes: Sequence[Tuple[int, int]], *, iters: int, warmup: int,
                 ceiling: float, baseline: Optional[FILM] = None) -> List[dict]:
     """Times ``model`` at each ``(width, height)``; ``baseline`` (if given) is timed interleaved."""
@@ -144,8 +164,6 @@ def bench_sizes(model: FILM, sizes: Sequence[Tuple[int, int]], *, iters: int, wa
         gen = torch.Generator().manual_seed(0)
         x0 = torch.rand(1, 3, height, width, generator=gen).to(device=device, dtype=dtype)
         x1 = torch.rand(1, 3, height, width, generator=gen).to(device=device, dtype=dtype)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         mine, base = [], []
         with torch.inference_mode():
             for i in range(warmup + iters):
@@ -163,7 +181,11 @@ def bench_sizes(model: FILM, sizes: Sequence[Tuple[int, int]], *, iters: int, wa
                "conv_gflop": flops / 1e9, "conv_gflops_per_s": flops / median / 1e9,
                "fraction_of_ceiling": flops / median / ceiling, "iters": iters, "warmup": warmup}
         if device.type == "cuda":
-            row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+            # One more call of each model alone: the interleaved baseline's activations must
+            # not count as the model's.
+            row["peak_memory_bytes"] = cuda_call_peak(model, x0, x1, t)
+            if baseline is not None:
+                row["torch_backend_peak_memory_bytes"] = cuda_call_peak(baseline, x0, x1, t)
         else:
             row["peak_rss_bytes"] = peak_rss_bytes()
         if baseline is not None:

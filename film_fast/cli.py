@@ -8,6 +8,7 @@ Subcommands::
     film-fast convert SRC DST.safetensors
     film-fast info MODEL
     film-fast bench [--sizes 256x256,512x512] [--config published|small] [--json PATH]
+    film-fast bench --memory-plan [--sizes 1920x1080,3840x2160] [--dtype fp16]   (no GPU needed)
 
 Errors are printed as one line, ``film-fast: error: <message>``, on stderr; the
 exit code is 2 for bad arguments and unusable inputs (images, checkpoints,
@@ -67,6 +68,16 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
     return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):  # (also refuses nan)
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def _times_to_interpolate(text: str) -> int:
@@ -544,8 +555,57 @@ def _cmd_bench_kernels(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
+def _bench_options(config: str) -> Options:
+    if config == "builtin":
+        from .api import BUILTIN_MODEL
+        return read_checkpoint(BUILTIN_MODEL).options
+    return Options() if config == "published" else Options(**SMALL_OPTIONS)
+
+
+def _cmd_bench_memory_plan(args: argparse.Namespace) -> int:
+    """``bench --memory-plan``: predicted peak GPU memory per size (film_fast.memory_plan)."""
+    from . import benchmark, memory_plan
+    if args.kernels:
+        raise InputError("--memory-plan and --kernels are separate tables: pick one")
+    backend = "triton" if args.backend == "auto" else args.backend
+    if backend not in memory_plan.DRY_RUN_BACKENDS:
+        raise InputError(f"--memory-plan covers --backend "
+                         f"{' or '.join(memory_plan.DRY_RUN_BACKENDS)}, not {backend!r}")
+    dtype = resolve_dtype(args.dtype)
+    options = _bench_options(args.config)
+    sizes = args.sizes or _sizes(",".join(memory_plan.DEFAULT_SIZES))
+    plans = [memory_plan.plan(options, h, w, dtype=dtype, backend=backend) for w, h in sizes]
+    limit = int(args.device_memory * 1e9)
+    if not args.quiet:
+        print(f"{PROG} bench --memory-plan: {args.config} config, {_dtype_name(dtype)}, backend "
+              f"{backend}, batch 1; predicted torch.cuda.max_memory_allocated from a dry run on "
+              f"the meta device (no GPU used; CUDA context and cuDNN/cuBLAS workspaces not "
+              f"included)")
+    print(memory_plan.format_table(plans, limit))
+    report = {"date": benchmark.report_header(torch.device("cpu"), dtype, backend, args.config,
+                                              options, 0.0)["date"],
+              "commit": benchmark.git_commit(), "versions": benchmark.versions(),
+              "kind": "memory plan (dry run on the meta device, no GPU)", "config": args.config,
+              "options": options.to_dict(), "dtype": _dtype_name(dtype), "backend": backend,
+              "device_memory_bytes": limit,
+              "plans": [dict(p.to_dict(), fits=p.required_bytes <= limit) for p in plans]}
+    paths = [args.json] if args.json else []
+    if args.save:
+        stamp = report["date"].replace(":", "").replace("-", "")[:15]
+        paths.append(os.path.join("benchmarks", "results",
+                                  f"memory-plan-{_dtype_name(dtype)}-{backend}-{stamp}.json"))
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _write_text_atomically(path, json.dumps(report, indent=2) + "\n")
+        if not args.quiet:
+            print(f"wrote {path}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import benchmark
+    if args.memory_plan:
+        return _cmd_bench_memory_plan(args)
     dtype = resolve_dtype(args.dtype)
     device = _check_device(args.device)
     if args.kernels:
@@ -569,7 +629,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.warmup is None:
         args.warmup = 3 if device.type == "cuda" else 1
     ceiling = benchmark.matmul_ceiling(device, dtype)
-    results = benchmark.bench_sizes(model, [(w, h) for w, h in args.sizes], iters=args.iters,
+    sizes = args.sizes or _sizes("256x256,512x512")
+    results = benchmark.bench_sizes(model, [(w, h) for w, h in sizes], iters=args.iters,
                                     warmup=args.warmup, ceiling=ceiling, baseline=baseline)
     header = (f"{PROG} bench: {args.config} config ({model.num_parameters() / 1e6:.2f} M params), "
               f"{benchmark.device_name(device)}, {_dtype_name(dtype)}, backend {args.backend}, "
@@ -853,8 +914,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="frames per second with random weights")
     _add_model_options(p)
-    p.add_argument("--sizes", type=_sizes, default=_sizes("256x256,512x512"),
-                   metavar="WxH[,WxH...]", help="frame sizes (default: 256x256,512x512)")
+    p.add_argument("--sizes", type=_sizes, default=None,
+                   metavar="WxH[,WxH...]", help="frame sizes (default: 256x256,512x512; with "
+                   "--memory-plan 1280x720,1920x1080,2560x1440,3840x2160)")
     p.add_argument("--iters", type=_int_at_least(1), default=None,
                    help="timed runs per size (default: 10 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=_int_at_least(0), default=None,
@@ -873,6 +935,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolutions", default="720p", metavar="R[,R...]",
                    help="with --kernels: 720p, 1080p, 4k (default: 720p)")
     p.add_argument("--backward", action="store_true", help="with --kernels: time forward+backward")
+    p.add_argument("--memory-plan", action="store_true",
+                   help="predicted peak GPU memory per size instead (a dry run on the meta "
+                        "device: runs anywhere, no GPU needed; --backend triton or torch)")
+    p.add_argument("--device-memory", type=_positive_float, default=24.0, metavar="GB",
+                   help="with --memory-plan: the device memory the 'fits' column checks "
+                        "(default 24 GB)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("eval", help="PSNR / SSIM on frame triplets, next to frame averaging",

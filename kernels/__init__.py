@@ -1,8 +1,13 @@
 """Hand-written Triton and CuPy kernels for FILM's hot paths (installed as ``film_fast.kernels``).
 
 One file per op per backend (``triton/warp.py``, ``cupy/warp.py`` + ``.cu``), each
-registered with :mod:`film_fast.ops.dispatch` and tested against
-:mod:`film_fast.ops.reference`. None ship yet: every op currently runs on the
-torch reference backend.
-Triton: ``triton/`` now implements all eight ops (CUDA; CPU tensors only under TRITON_INTERPRET=1).
+registered with :mod:`film_fast.ops.dispatch` when its package is imported (on first use
+of the backend) and tested against :mod:`film_fast.ops.reference`, forward and backward.
+
+* ``triton/``: every op (warp, flow upsampling, fused flow upsampling + warp, convolutions
+  one level or all levels per launch, conv + pool, upsample + 2x2 conv, pooling), on CUDA
+  tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (how CI runs them).
+* ``cupy/``: CUDA C sources (``.cu``) for the warps, flow upsampling, pooling, the
+  upsample + 2x2 conv and the conv epilogues (cuDNN does the GEMM), compiled with NVRTC at
+  first use; CI compiles every source without a GPU.
 """

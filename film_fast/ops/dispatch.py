@@ -10,8 +10,10 @@ logged reason. An explicitly requested backend that cannot run raises
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -33,6 +35,26 @@ _VERIFIERS: Dict[str, Callable[[torch.device], Tuple[bool, str]]] = {}
 _logged: set = set()
 _load_errors: Dict[str, str] = {}
 _loaded: set = {"torch"}
+# Dry runs on the meta device (film_fast.memory_plan): kernel backends pass their device
+# verifier there, because the dry run skips every kernel launch and keeps the launchers'
+# allocations. Thread-local: another thread's meta tensors are not affected.
+_dry_run = threading.local()
+DRY_RUN_BACKENDS = ("torch", "triton")
+
+
+@contextlib.contextmanager
+def dry_run():
+    """Within it (this thread) ``triton`` resolves on the meta device; see
+    :func:`film_fast.memory_plan.dry_run`, which also skips the kernel launches."""
+    _dry_run.depth = getattr(_dry_run, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _dry_run.depth -= 1
+
+
+def in_dry_run() -> bool:
+    return getattr(_dry_run, "depth", 0) > 0
 
 
 def _ensure_loaded(backend: str) -> None:
@@ -85,6 +107,10 @@ def _can_run(op: str, backend: str, device: torch.device) -> Tuple[bool, str]:
     if (op, backend) not in _IMPLS:
         return False, f"backend {backend!r} has no implementation of {op!r}"
     verifier = _VERIFIERS.get(backend)
+    if device.type == "meta" and in_dry_run():
+        if backend in DRY_RUN_BACKENDS:
+            return True, ""
+        return False, f"dry runs (meta device) cover the {' and '.join(DRY_RUN_BACKENDS)} backends"
     if verifier is None:
         return True, ""
     return verifier(device)
