@@ -22,10 +22,11 @@ one :func:`film_fast.ops.conv2d_levels` call per conv (the weights are shared),
 and the stage's last conv stores each level's output straight into its level
 buffer (``out=`` channel slices; kernel backends write them in the same single
 launch, no copies); the next stage pools those slices. A level buffer holds
-``[image (3) | features]`` channels, which is exactly the source the fusion stage
-warps, so neither stage needs another concat. :meth:`FeatureExtractor.fill` takes
-buffers whose image channels are already written (the model pools its image
-pyramid straight into them).
+``[features | image (3) | zero pad]`` channels (features first, so that every slice a conv
+stores into starts 16-byte aligned: see :mod:`film_fast.buffers`), which is exactly the
+source the fusion stage warps, so neither stage needs another concat.
+:meth:`FeatureExtractor.fill` takes buffers whose image channels are already written (the
+model pools its image pyramid straight into them).
 
 Parameter names: ``stages.{j}.convs.{n}.{weight,bias}``.
 """
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .buffers import new_buffer
+from .buffers import channel_align, image_channels, new_buffer
 from .layers import Conv
 from .options import Options
 
@@ -70,38 +71,43 @@ class FeatureExtractor(nn.Module):
 
     def new_buffers(self, batch: int, height: int, width: int, *, dtype: torch.dtype,
                     device: torch.device, levels: Optional[int] = None) -> List[torch.Tensor]:
-        """Uninitialised level buffers ``[batch, 3 + C_i, height >> i, width >> i]``
-        (channels_last)."""
-        opts = self.options
-        levels = opts.pyramid_levels if levels is None else levels
-        return [new_buffer(batch, 3 + opts.feature_channels(i), height >> i, width >> i, align=1,
-                           dtype=dtype, device=device) for i in range(levels)]
+        """Uninitialised level buffers ``[batch, C_i + 3 (+ pad), height >> i, width >> i]``
+        (channels_last; channels padded to :func:`film_fast.buffers.channel_align`).
 
-    def level_buffers(self, image_pyramid: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Image pyramid ``[N, 3, H>>i, W>>i]`` -> per level ``[N, 3 + C_i, H>>i, W>>i]``.
-
-        Channels ``[:3]`` hold the image, ``[3:]`` the cascaded features (C_i =
-        ``options.feature_channels(i)``).
+        The padding channels only align the rows (every reader takes ``[:C_i]`` or
+        ``[:C_i + 3]``), so they are not even zeroed: no launch per level for them.
         """
         opts = self.options
-        buffers = []
-        for i, image in enumerate(image_pyramid):
-            n, _, h, w = image.shape
-            buf = new_buffer(n, 3 + opts.feature_channels(i), h, w, align=1, dtype=image.dtype,
-                             device=image.device)
-            buf[:, :3].copy_(image)
-            buffers.append(buf)
+        levels = opts.pyramid_levels if levels is None else levels
+        align = channel_align(device, dtype)
+        return [new_buffer(batch, opts.feature_channels(i) + 3, height >> i, width >> i,
+                           align=align, dtype=dtype, device=device, zero_padding=False)
+                for i in range(levels)]
+
+    def level_buffers(self, image_pyramid: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Image pyramid ``[N, 3, H>>i, W>>i]`` -> per level ``[N, C_i + 3 (+ pad), H>>i, W>>i]``.
+
+        Channels ``[:C_i]`` hold the cascaded features (C_i = ``options.feature_channels(i)``),
+        ``[C_i:C_i + 3]`` the image (:func:`film_fast.buffers.image_channels`).
+        """
+        opts = self.options
+        first = image_pyramid[0]
+        buffers = self.new_buffers(first.shape[0], first.shape[2], first.shape[3],
+                                   dtype=first.dtype, device=first.device,
+                                   levels=len(image_pyramid))
+        for i, (buf, image) in enumerate(zip(buffers, image_pyramid)):
+            buf[:, image_channels(opts.feature_channels(i))].copy_(image)
         return self.fill(buffers, image_pyramid)
 
     def fill(self, buffers: List[torch.Tensor], images: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Writes the cascaded features into ``buffers[i][:, 3:]``; returns ``buffers``.
+        """Writes the cascaded features into ``buffers[i][:, :C_i]``; returns ``buffers``.
 
-        ``images[i]`` is the level-``i`` image (equal to ``buffers[i][:, :3]``, which must
-        already hold it; it may be that very slice).
+        ``images[i]`` is the level-``i`` image (equal to the buffer's image channels, which
+        must already hold it; it may be that very slice).
         """
         opts = self.options
         levels = len(images)
-        offsets = [3] * levels  # next free channel of each level buffer
+        offsets = [0] * levels  # next free channel of each level buffer
         inputs = list(images)  # stage-j input of the sub-tree started at level i
         for j in range(min(opts.sub_levels, levels)):
             active = range(levels - j)  # sub-trees i with i + j < levels
@@ -124,4 +130,5 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, image_pyramid: List[torch.Tensor]) -> List[torch.Tensor]:
         """Image pyramid (finest first) -> feature pyramid ``[N, C_i, H>>i, W>>i]`` (views)."""
-        return [buf[:, 3:] for buf in self.level_buffers(image_pyramid)]
+        return [buf[:, :self.options.feature_channels(i)]
+                for i, buf in enumerate(self.level_buffers(image_pyramid))]

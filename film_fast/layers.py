@@ -31,6 +31,11 @@ class Conv(nn.Module):
         self._padded: Optional[torch.Tensor] = None
         self._cast_key: Optional[tuple] = None
         self._cast: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        # The order of the input channels in the buffer this conv reads, as consecutive
+        # ranges of the weight's (official) input channels; None = the weight's own order.
+        # Set by the fusion decoder, whose buffers put the up-conv's output first (see
+        # film_fast.fusion); the parameter itself always keeps the official order.
+        self.input_blocks: Optional[Tuple[Tuple[int, int], ...]] = None
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels))
         self.reset_parameters()
@@ -42,27 +47,33 @@ class Conv(nn.Module):
         bound = 1.0 / math.sqrt(fan_in)
         nn.init.uniform_(self.bias, -bound, bound)
 
+    def _arranged(self, w: torch.Tensor, extra: int) -> torch.Tensor:
+        if self.input_blocks is not None:
+            w = torch.cat([w[:, a:b] for a, b in self.input_blocks], dim=1)
+        return F.pad(w, (0, 0, 0, 0, 0, extra)) if extra else w
+
     def weight_for(self, channels: int) -> torch.Tensor:
-        """The weight zero-extended to ``channels`` inputs (for channel-aligned buffers).
+        """The weight for a buffer of ``channels`` input channels: its input channels in the
+        buffer's order (:attr:`input_blocks`), zero-extended for channel-aligned buffers.
 
         Extra input channels get zero weights, so the result does not depend on them.
-        The padded copy is cached for inference and rebuilt when the weight changes.
+        The arranged copy is cached for inference and rebuilt when the weight changes.
         """
         w = self.weight
         extra = channels - w.shape[1]
-        if extra == 0:
+        if extra == 0 and self.input_blocks is None:
             return w
         if extra < 0:
             raise ValueError(f"conv expects {w.shape[1]} input channels, got {channels}")
         if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
-            # (compiled graphs pad in the graph: the cache key reads data_ptr, untraceable)
-            return F.pad(w, (0, 0, 0, 0, 0, extra))
+            # (compiled graphs arrange in the graph: the cache key reads data_ptr, untraceable)
+            return self._arranged(w, extra)
         key = (channels, w.dtype, w.device, w.data_ptr(), w._version)
         if self._padded_key != key:
             # (a normal tensor even when built in inference mode: it has a version counter, so
             # kernel backends may cache what they derive from it, e.g. Triton's packed weights)
             with torch.inference_mode(False), torch.no_grad():
-                self._padded = F.pad(w.detach(), (0, 0, 0, 0, 0, extra))
+                self._padded = self._arranged(w.detach(), extra).contiguous()
             self._padded_key = key
         return self._padded
 

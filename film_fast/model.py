@@ -39,7 +39,7 @@ from .feature_extractor import FeatureExtractor
 from .flow_estimator import PyramidFlowEstimator
 from .fusion import Fusion
 from .options import Options
-from .buffers import channel_align, new_buffer
+from .buffers import channel_align, image_channels, new_buffer
 from .pyramid import (build_image_pyramid, crop_padding, fill_padding, pad_to_multiple,
                       padding_for, synthesize_flow_pyramid)
 
@@ -83,10 +83,11 @@ def check_ensemble(variants) -> int:
 
 @dataclass
 class FrameFeatures:
-    """Encoded frames (:meth:`FILM.encode`): per-level ``[N * variants, 3 + C_i, H>>i, W>>i]``
-    buffers (padded image, then cascaded features; channels_last), the padding, the original
-    size, and how many flip variants each frame has (rows ``[frame 0 variants; frame 1 ...]``;
-    1 unless the model's ``ensemble`` was set when encoding)."""
+    """Encoded frames (:meth:`FILM.encode`): per-level ``[N * variants, C_i + 3 (+ pad), H>>i,
+    W>>i]`` buffers (cascaded features, then the padded image, then unused channels up to
+    the dtype's channel alignment; channels_last: see :mod:`film_fast.buffers`), the padding,
+    the original size, and how many flip variants each frame has (rows ``[frame 0 variants;
+    frame 1 ...]``; 1 unless the model's ``ensemble`` was set when encoding)."""
 
     levels: List[torch.Tensor]
     pads: Tuple[int, int, int, int]
@@ -221,8 +222,9 @@ class FILM(nn.Module):
 
         The level buffers are allocated first and, without autograd, every image goes
         straight into its image channels: the frames are converted (device, dtype), padded
-        and concatenated by their copies into ``buffers[0][:, :3]``, and each pooled pyramid
-        level is stored into ``buffers[i][:, :3]`` by the pooling itself (``out=``).
+        and concatenated by their copies into level 0's image channels, and each pooled
+        pyramid level is stored into its level's image channels by the pooling itself
+        (``out=``).
         """
         opts = self.options
         dtype, device = self.dtype, self.device
@@ -239,6 +241,8 @@ class FILM(nn.Module):
         # layout.
         buffers = self.extract.new_buffers(n, height + top + bottom, width + left + right,
                                            dtype=dtype, device=device)
+        slots = [buf[:, image_channels(opts.feature_channels(i))]  # [features | image | pad]
+                 for i, buf in enumerate(buffers)]
         if torch.is_grad_enabled() or self._dense_on_cpu(device):
             # With autograd the first convs save their input (the images) for backward, and a
             # saved view of a level buffer would fail autograd's version check once features
@@ -249,10 +253,10 @@ class FILM(nn.Module):
                                    opts.padding)
             x = x.contiguous(memory_format=self.memory_format)
             images = build_image_pyramid(x, opts.pyramid_levels, self.backend)
-            for buf, im in zip(buffers, images):
-                buf[:, :3].copy_(im)
+            for slot, im in zip(slots, images):
+                slot.copy_(im)
         else:
-            image = buffers[0][:, :3]
+            image = slots[0]
             inner = image[..., top:top + height, left:left + width]
             row = 0
             for part in parts:  # one copy per part: conversion and concat in one pass
@@ -260,7 +264,7 @@ class FILM(nn.Module):
                 row += part.shape[0]
             fill_padding(image, pads, opts.padding)  # centred, as pad_to_multiple
             images = build_image_pyramid(image, opts.pyramid_levels, self.backend,
-                                         out=[buf[:, :3] for buf in buffers[1:]])
+                                         out=slots[1:])
         return FrameFeatures(self.extract.fill(buffers, images), pads, (height, width), variants)
 
     def interpolate_encoded(self, f0: FrameFeatures, f1: FrameFeatures,
@@ -299,15 +303,15 @@ class FILM(nn.Module):
         opts = self.options
         dtype = self.dtype
         x = levels[0]
-        features = [buf[:, 3:] for buf in levels]
+        features = [buf[:, :opts.feature_channels(i)] for i, buf in enumerate(levels)]
 
         # Residuals in rows [x1 -> x0 (backward); x0 -> x1 (forward)], float32.
         residuals = self.predict_flow.siamese(features, batch)
         flows = synthesize_flow_pyramid(residuals, opts.fusion_pyramid_levels, self.backend)
 
-        # Fusion level buffers [w0 | w1 | t * backward_flow | (1 - t) * forward_flow | net | pad]:
-        # frame 0 is warped by the backward flow (it reads x0 at the in-between time), frame 1 by
-        # the forward flow; every piece is written in place.
+        # Fusion level buffers [net | w0 | w1 | t * backward_flow | (1 - t) * forward_flow | pad]
+        # (film_fast.buffers): frame 0 is warped by the backward flow (it reads x0 at the
+        # in-between time), frame 1 by the forward flow; every piece is written in place.
         align = channel_align(x.device, dtype)
         scale = torch.cat([dt, 1.0 - dt])
         # [B, 2 (backward; forward), 1, 1, 1]: per-row scale of the [B, 2, 2, H, W] flow view
@@ -321,41 +325,42 @@ class FILM(nn.Module):
         fusion_levels = opts.fusion_pyramid_levels
         buffers = []
         for i in range(fusion_levels):
-            src = levels[i]
-            c = src.shape[1]
+            layout = self.fuse.layout(i)
+            c = layout.level
+            src = levels[i][:, :c]  # [features | image], without the level buffer's padding
             _, _, h, w = src.shape
-            extra = 0 if i == fusion_levels - 1 else opts.fusion_filters(i)
-            buf = new_buffer(batch, 2 * c + 4 + extra, h, w, align=align, dtype=dtype,
+            buf = new_buffer(batch, layout.channels, h, w, align=align, dtype=dtype,
                              device=x.device)
+            fl = layout.flows.start
             # [t * backward_flow | (1 - t) * forward_flow] as [B, 2 (which), 2 (dx, dy), H, W]
-            flow_pairs = buf[:, 2 * c:2 * c + 4].unflatten(1, (2, 2))
+            flow_pairs = buf[:, fl:fl + 4].unflatten(1, (2, 2))
             flow_rows = flows[i].unflatten(0, (2, batch)).transpose(0, 1)  # [B, 2, 2, H, W] view
             if in_place:
                 torch.mul(flow_rows, scale_pairs, out=flow_pairs)
-                backward_flow, forward_flow = buf[:, 2 * c:2 * c + 2], buf[:, 2 * c + 2:2 * c + 4]
+                backward_flow, forward_flow = buf[:, fl:fl + 2], buf[:, fl + 2:fl + 4]
             else:  # the warps sample with the fp32 flows, the buffer holds them in the model dtype
                 flow_t = flows[i] * scale.view(2 * batch, 1, 1, 1)  # [2B, 2, H, W] fp32
                 backward_flow, forward_flow = flow_t[:batch], flow_t[batch:]
                 if dense:  # two plain copies stream fastest on CPU
-                    buf[:, 2 * c:2 * c + 2].copy_(backward_flow)
-                    buf[:, 2 * c + 2:2 * c + 4].copy_(forward_flow)
+                    buf[:, fl:fl + 2].copy_(backward_flow)
+                    buf[:, fl + 2:fl + 4].copy_(forward_flow)
                 else:
                     flow_pairs.copy_(flow_t.unflatten(0, (2, batch)).transpose(0, 1))
-            ops.warp(src[:batch], backward_flow, out=buf[:, :c], backend=self.backend)
-            ops.warp(src[batch:], forward_flow, out=buf[:, c:2 * c], backend=self.backend)
+            ops.warp(src[:batch], backward_flow, out=buf[:, layout.w0], backend=self.backend)
+            ops.warp(src[batch:], forward_flow, out=buf[:, layout.w1], backend=self.backend)
             buffers.append(buf)
         image = crop_padding(self.fuse.decode(buffers), pads)
         if not debug:
             return {"image": image}
-        c0 = levels[0].shape[1]
+        layout0 = self.fuse.layout(0)
         return {
             "image": [image],
             "forward_residual_flow_pyramid": [r[batch:] for r in residuals],
             "backward_residual_flow_pyramid": [r[:batch] for r in residuals],
             "forward_flow_pyramid": [f[batch:] for f in flows],
             "backward_flow_pyramid": [f[:batch] for f in flows],
-            "x0_warped": crop_padding(buffers[0][:, :3], pads),
-            "x1_warped": crop_padding(buffers[0][:, c0:c0 + 3], pads),
+            "x0_warped": crop_padding(buffers[0][:, layout0.image(0)], pads),
+            "x1_warped": crop_padding(buffers[0][:, layout0.image(1)], pads),
         }
 
     def forward(self, x0: torch.Tensor, x1: torch.Tensor, batch_dt: TimeLike = 0.5) -> torch.Tensor:

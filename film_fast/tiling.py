@@ -39,9 +39,9 @@ loaded model, against 2.33 GB from the formula; so budgets are compared with the
 formula times ``PEAK_FACTOR = 1.5``. On CUDA the same factor is used. There the
 graph writes its buffers in place, and its live tensors are predicted exactly by
 :mod:`film_fast.memory_plan` (a dry run, checked against real runs). Against that
-prediction, one call of the formula (``reuse=False``, batch 1) is 1.26x the Triton
+prediction, one call of the formula (``reuse=False``, batch 1) is 1.29x the Triton
 path's activations in fp16 and 1.28x in fp32, and 1.16x the torch backend's in fp32.
-It is only 0.90x the torch backend's in fp16/bf16, whose warps read fp32 copies of
+It is only 0.93x the torch backend's in fp16/bf16, whose warps read fp32 copies of
 the features, so there ``PEAK_FACTOR`` is the margin (guarded by
 ``tests/test_memory_plan.py``).
 
@@ -162,9 +162,14 @@ def _padded(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def feature_elements(options: Options) -> float:
-    """Held elements per padded pixel of one encoded frame: ``sum_i (3 + C_i) / 4^i``."""
-    return sum((3 + options.feature_channels(i)) / 4 ** i for i in range(options.pyramid_levels))
+def feature_elements(options: Options, dtype=torch.float32) -> float:
+    """Held elements per padded pixel of one encoded frame: ``sum_i (3 + C_i) / 4^i``, each
+    level's channels rounded up to the dtype's channel alignment (16 in 16-bit: 181.3
+    instead of 163.9 for the published model; see :mod:`film_fast.buffers`)."""
+    from .buffers import aligned, channel_align
+    align = channel_align(torch.device("cpu"), dtype)
+    return sum(aligned(3 + options.feature_channels(i), align) / 4 ** i
+               for i in range(options.pyramid_levels))
 
 
 def fusion_elements(options: Options) -> float:
@@ -190,7 +195,7 @@ def estimate_bytes(options: Options, height: int, width: int, *, dtype=torch.flo
     """
     pixels = _padded(height, options.size_multiple) * _padded(width, options.size_multiple)
     elem = _elem_size(dtype)
-    feat = feature_elements(options)
+    feat = feature_elements(options, dtype)
     call = TRANSIENT_MARGIN * (2 * feat + fusion_elements(options))
     if reuse:
         live = held * feat + max(batch * call, (batch + 1) * 2 * feat)
@@ -262,7 +267,7 @@ def _grid_fits(options, grid: TileGrid, *, dtype, batch, held, reuse, budget) ->
         h = grid.boxes[0][1] - grid.boxes[0][0]
         w = grid.boxes[0][3] - grid.boxes[0][2]
         per_tile = estimate_bytes(options, h, w, dtype=dtype, batch=batch, held=0, reuse=True)
-        held_bytes = held * feature_elements(options) * _elem_size(dtype) * pix_feat
+        held_bytes = held * feature_elements(options, dtype) * _elem_size(dtype) * pix_feat
         return held_bytes + per_tile <= budget
     h = grid.boxes[0][1] - grid.boxes[0][0]
     w = grid.boxes[0][3] - grid.boxes[0][2]

@@ -25,6 +25,11 @@ class DerivedWeights:
         return key in self._entries
 
     def get(self, weight: torch.Tensor, tag: Hashable, compute: Callable[[torch.Tensor], object]):
+        if weight.is_inference():
+            # No version counter to key on (e.g. a weight a compiled graph rearranged inside
+            # inference_mode, see Conv.weight_for): derived per call, not cached.
+            with torch.no_grad():
+                return compute(weight.detach())
         key = (id(weight), tag)
         version = (weight._version, weight.data_ptr())
         hit = self._entries.get(key)

@@ -90,7 +90,9 @@ def conv_config(cin: int, cout: int, dtype: torch.dtype, x_aligned: bool = True,
     minimum tile edge; fp32/fp64 (IEEE dot on FMA units) use K chunks of 32.
 
     ``y_aligned=False``: the forward stores into a misaligned destination (``out=``, a channel
-    slice of a level buffer with 3 + C channels). The epilogue's stores then lose their
+    slice that does not start 16 bytes in; FILM's 16-bit buffers put every conv output first
+    and pad to 16 channels so that this does not happen, see ``film_fast.buffers``; fp32
+    level buffers, unpadded, still hit it). The epilogue's stores then lose their
     vectors and the 128 x 64 tiles spill even with aligned inputs (sm_90, fp16 3x3
     ``conv2d_levels``: 255 registers + 72 bytes of stack, against 112 and none into an
     aligned output; every bigger tile tried spilled too), so the forward takes the
