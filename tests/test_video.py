@@ -466,3 +466,61 @@ def test_factor_3_batch_2_is_deterministic_and_matches_batch_1(media, small_safe
         np.testing.assert_array_equal(a, b)
     for a, b in zip(runs[0], runs[2]):
         assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max() <= 1
+
+
+# ---- the background frame writer ---------------------------------------------------------------
+def test_frame_writer_writes_everything_and_reports_in_order(tmp_path):
+    from film_fast.video import FrameWriter, _write_png
+    done = []
+    writer = FrameWriter(_write_png, str(tmp_path), workers=3, on_written=done.append)
+    frames = {k: np.full((8, 12, 3), k, np.uint8) for k in range(20)}
+    for k, pixels in frames.items():
+        writer.submit(k, pixels)
+        assert len(writer._pending) <= writer.limit  # bounded: at most 2 x workers in flight
+    writer.close()
+    assert done == list(range(1, 21))
+    for k, pixels in frames.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"{k:09d}.png")), pixels)
+    assert not [n for n in os.listdir(tmp_path) if not n.endswith(".png")]  # no temporaries
+
+
+def test_frame_writer_raises_a_failed_write_and_abort_stops_quietly(tmp_path):
+    import threading
+    from film_fast.video import FrameWriter
+    gate = threading.Event()
+
+    def write(folder, k, pixels):
+        if k == 2:
+            raise OSError(28, "No space left on device", f"{folder}/{k:09d}.png")
+        gate.wait(5)
+
+    writer = FrameWriter(write, str(tmp_path), workers=2)
+    with pytest.raises(OSError, match="No space left"):
+        for k in range(10):
+            writer.submit(k, None)
+            if k == 2:
+                gate.set()
+        writer.close()
+    writer.abort()  # after the failure: drops what is queued, raises nothing
+    slow = FrameWriter(lambda folder, k, pixels: gate.wait(5), str(tmp_path), workers=1)
+    slow.submit(0, None)
+    slow.abort()
+
+
+def test_video_write_failure_exits_non_zero_with_the_file(media, small_safetensors, capsys,
+                                                          monkeypatch, tmp_path):
+    from film_fast import video
+    real = video._write_png
+
+    def failing(folder, k, pixels):
+        if k == 4:
+            raise OSError(28, "No space left on device", os.path.join(folder, f"{k:09d}.png"))
+        real(folder, k, pixels)
+
+    monkeypatch.setattr(video, "_write_png", failing)
+    out = tmp_path / "out.mp4"
+    code, _, err = run_cli(capsys, "video", media / "cafe.mp4", "-o", out, "--factor", "2",
+                           "--model", small_safetensors, "--quiet")
+    assert code == 1 and not out.exists()
+    line = one_error_line(err)
+    assert "No space left on device" in line and "000000004.png" in line
