@@ -76,7 +76,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 from fractions import Fraction
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ from PIL import Image
 
 from .errors import FilmFastError, InputError
 from .stream import (DEFAULT_SCENE_THRESHOLD, HOLD, dyadic_subset_schedule, even_schedule,
-                     grid_node, recursive_schedule, run_stream)
+                     grid_node, prepare_frame, recursive_schedule, run_stream)
 from .tiling import Tiling, choose_tiling
 
 PROG = "film-fast"
@@ -218,19 +218,25 @@ def _format_bits(av, name: str) -> int:
         return 8
 
 
-def decode_frames(info: VideoInfo, on_pts, read_ahead: int = 2,
-                  bit_depth: int = 8) -> Iterator[Union[np.ndarray, torch.Tensor]]:
+def decode_frames(info: VideoInfo, on_pts, read_ahead: int = 2, bit_depth: int = 8,
+                  prepare: Optional[Callable[[Any], Any]] = None) -> Iterator[Any]:
     """Yields every frame as ``[H, W, 3]`` uint8 RGB (``bit_depth`` 8), or as a ``[3, H, W]``
-    float32 tensor in [0, 1] (``bit_depth`` 16: 16-bit RGB divided by 65535); calls
-    ``on_pts(index, pts)`` first (pts in the stream's time base, repaired to increase
-    strictly).
+    float32 tensor in [0, 1] (``bit_depth`` 16: 16-bit RGB divided by 65535), or as
+    ``prepare(frame)`` of that; calls ``on_pts(index, pts)`` first (pts in the stream's time
+    base, repaired to increase strictly).
 
-    Decoding runs ``read_ahead`` frames ahead on a background thread
+    Decoding (and ``prepare``) runs ``read_ahead`` frames ahead on a background thread
     (:mod:`film_fast.prefetch`), so FFmpeg's work overlaps the model's; ``on_pts`` is
     still called on the consumer's thread, just before its frame is handed out.
     """
     from .prefetch import prefetch
-    for index, pts, pixels in prefetch(_decode_items(info, bit_depth), depth=read_ahead):
+
+    def prepared(item):
+        index, pts, pixels = item
+        return index, pts, prepare(pixels)
+
+    for index, pts, pixels in prefetch(_decode_items(info, bit_depth), depth=read_ahead,
+                                       transform=None if prepare is None else prepared):
         on_pts(index, pts)
         yield pixels
 
@@ -1120,7 +1126,9 @@ def _run_job(args, dist_env: Dist, info: VideoInfo, out_abs: str, work: str, fmt
     writer = FrameWriter(_write_png if depth == 8 else _write_png16, frames_dir,
                          on_written=progress.update)
     try:
-        frames = decode_frames(info, on_pts, bit_depth=depth)
+        # Converted (and thumbnailed for scene detection) on the read-ahead thread too.
+        frames = decode_frames(info, on_pts, bit_depth=depth,
+                               prepare=lambda p: prepare_frame(p, thumb=bool(threshold)))
         stream = run_stream(model, frames, plan_for, batch_size=batch,
                             scene_threshold=threshold or None, tile=tiling,
                             tail_for=tail_for, select=select)

@@ -107,6 +107,25 @@ def test_numpy_uint8_frames(small_model):
     np.testing.assert_array_equal(got[3], to_uint8(expected[3]))
 
 
+def test_prepared_frames_give_the_same_outputs(small_model):
+    """``film_fast.stream.prepare_frame`` (what ``film-fast video`` runs on its read-ahead
+    thread) changes where the conversion and the scene thumbnail are computed, nothing else:
+    the same frames and the same scene decisions, and originals still pass through."""
+    from film_fast.stream import prepare_frame
+    frames = clip("cafe", size=(64, 32))[:3]
+    frames = frames + [np.ascontiguousarray(255 - frames[-1])]  # a cut before the last frame
+    kw = dict(times_to_interpolate=1, scene_threshold=DEFAULT_SCENE_THRESHOLD)
+    want = list(film_fast.interpolate(small_model, frames, **kw))
+    prepared = [prepare_frame(f, thumb=True) for f in frames]
+    assert all(p._thumb is not None for p in prepared)
+    got = list(film_fast.interpolate(small_model, prepared, **kw))
+    assert len(got) == len(want) == 7
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert got[0] is frames[0] and got[6] is frames[3]
+    np.testing.assert_array_equal(got[5], frames[2])  # the cut: the earlier frame repeats
+
+
 def test_streaming_reads_lazily(small_model):
     """Constant memory: the input is pulled at most one chunk (+1 frame) ahead of the output."""
     pulled = [0]
