@@ -137,6 +137,25 @@ def cases(resolution: str, options: Optional[Options] = None) -> List[Case]:
                         lambda dt, n=n, cin=cin, cout=cout, k=k, h=h, w=w:
                         (n * (cin + cout) * h * w + cout * cin * k * k) * _size(dt),
                         flops=flops, grad_inputs=(0, 1, 2)))
+    # The feature extractor's stores into its level buffers (conv2d_levels with out=): FILM's
+    # layout [features | image | pad] (every 16-bit slice 16-byte aligned: the big Triton
+    # tiles) against the image-first layout it had before (slices 3 channels in: small
+    # tiles). The second conv of stage 0 at level 0, the largest of them.
+    cf0, c_level = opts.filters, opts.feature_channels(0) + 3
+    for name, start in (("features-first", 0), ("image-first", 3)):
+        def make_into(device, dtype, start=start, h=H, w=W):
+            x = _nhwc(2, cf0, h, w, device=device, dtype=dtype)
+            weight = (torch.randn(cf0, cf0, 3, 3, device=device) / (cf0 * 9) ** 0.5).to(dtype)
+            bias = torch.randn(cf0, device=device).to(dtype)
+            total = c_level + (-c_level % 16 if _size(dtype) == 2 else 0)  # (16-bit padding)
+            buf = torch.empty(2, total, h, w, device=device, dtype=dtype,
+                              memory_format=torch.channels_last).zero_()
+            return ([x], weight, bias, "leaky_relu"), {"out": [buf[:, start:start + cf0]]}
+
+        out.append(Case("conv2d_levels", f"extract-s0c1-into-{name}-2x{cf0}->{cf0}-{W}x{H}",
+                        make_into, ops.conv2d_levels,
+                        lambda dt, h=H, w=W: (2 * 2 * cf0 * h * w + cf0 * cf0 * 9) * _size(dt),
+                        flops=2 * 2 * cf0 * cf0 * 9 * H * W))
     for level in (0, coarse - 1):
         h, w = H >> level, W >> level
         last = opts.fusion_pyramid_levels - 2
@@ -246,6 +265,8 @@ def run_table(resolutions: Sequence[str], backends: Sequence[str], dtypes: Seque
         for case in cases(res, options):
             if ops_filter and case.op not in ops_filter:
                 continue
+            if backward and not case.grad_inputs:
+                continue  # (an inference-only row: stores into a buffer slice)
             for dname in dtypes:
                 for backend in backends:
                     ok, why = backend_runs(backend, device)

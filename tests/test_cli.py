@@ -390,3 +390,11 @@ def test_bench_kernels_table_and_json(tmp_path, capsys, monkeypatch):
                                       "conv2d", "upsample_conv2x2"}
     assert all(r["backend"] == "torch" and r["pass"] == "fwd+bwd" and r["median_s"] > 0
                and r["fraction_of_ceiling"] > 0 for r in ran)
+    # forward only: also the inference rows that store into level-buffer slices (both layouts)
+    code, out, err = run_cli(capsys, "bench", "--kernels", "--config", "small", "--device", "cpu",
+                             "--iters", "1", "--warmup", "0", "--backend", "torch", "--json", report)
+    assert code == 0, err
+    rows = [r for r in json.loads(report.read_text())["rows"] if r["op"] == "conv2d_levels"]
+    assert sorted(r["case"].split("-into-")[1].split("-2x")[0] for r in rows) == [
+        "features-first", "image-first"]
+    assert all(r["tflops"] > 0 for r in rows)
