@@ -45,9 +45,11 @@ def _cpu_gpu_graph(backend: str):
     """The CPU run of what a GPU runs: the in-place buffer graph (not the CPU dense path);
     Triton kernels skipped (their launchers still allocate), or the torch reference ops."""
     from film_fast.ops import eager
+    from film_fast import buffers
     saved = film_fast.FILM._dense_on_cpu
     film_fast.FILM._dense_on_cpu = lambda self, device: False
-    patched = []
+    patched = [(buffers, "GPU_ALIGNMENT_ON_CPU", buffers.GPU_ALIGNMENT_ON_CPU)]
+    buffers.GPU_ALIGNMENT_ON_CPU = True
     try:
         if backend == "triton":
             from triton.runtime import interpreter

@@ -589,17 +589,22 @@ def _cmd_bench_memory_plan(args: argparse.Namespace) -> int:
               "options": options.to_dict(), "dtype": _dtype_name(dtype), "backend": backend,
               "device_memory_bytes": limit,
               "plans": [dict(p.to_dict(), fits=p.required_bytes <= limit) for p in plans]}
+    _save_bench_report(report, args, f"memory-plan-{_dtype_name(dtype)}-{backend}")
+    return 0
+
+
+def _save_bench_report(report: dict, args: argparse.Namespace, stem: str) -> None:
+    """Writes ``report`` to ``--json`` and, with ``--save``, to
+    ``benchmarks/results/<stem>-<date>.json``."""
     paths = [args.json] if args.json else []
     if args.save:
         stamp = report["date"].replace(":", "").replace("-", "")[:15]
-        paths.append(os.path.join("benchmarks", "results",
-                                  f"memory-plan-{_dtype_name(dtype)}-{backend}-{stamp}.json"))
+        paths.append(os.path.join("benchmarks", "results", f"{stem}-{stamp}.json"))
     for path in paths:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         _write_text_atomically(path, json.dumps(report, indent=2) + "\n")
         if not args.quiet:
             print(f"wrote {path}")
-    return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -639,17 +644,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(benchmark.format_table(results))
     report = dict(benchmark.report_header(device, dtype, args.backend, args.config, options, ceiling),
                   backends_resolved=_resolved_backends(args.backend, device), results=results)
-    paths = [args.json] if args.json else []
-    if args.save:
-        stamp = report["date"].replace(":", "").replace("-", "")[:15]
-        kind = "cuda" if device.type == "cuda" else "cpu"
-        paths.append(os.path.join("benchmarks", "results",
-                                  f"bench-{kind}-{_dtype_name(dtype)}-{args.backend}-{stamp}.json"))
-    for path in paths:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _write_text_atomically(path, json.dumps(report, indent=2) + "\n")
-        if not args.quiet:
-            print(f"wrote {path}")
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    _save_bench_report(report, args, f"bench-{kind}-{_dtype_name(dtype)}-{args.backend}")
     return 0
 
 

@@ -162,12 +162,12 @@ def _padded(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def feature_elements(options: Options, dtype=torch.float32) -> float:
+def feature_elements(options: Options, dtype=torch.float32, device="cpu") -> float:
     """Held elements per padded pixel of one encoded frame: ``sum_i (3 + C_i) / 4^i``, each
     level's channels rounded up to the dtype's channel alignment (16 in 16-bit: 181.3
     instead of 163.9 for the published model; see :mod:`film_fast.buffers`)."""
     from .buffers import aligned, channel_align
-    align = channel_align(torch.device("cpu"), dtype)
+    align = channel_align(torch.device(device), dtype)
     return sum(aligned(3 + options.feature_channels(i), align) / 4 ** i
                for i in range(options.pyramid_levels))
 
@@ -187,7 +187,7 @@ def _elem_size(dtype: torch.dtype) -> int:
 
 
 def estimate_bytes(options: Options, height: int, width: int, *, dtype=torch.float32,
-                   batch: int = 1, held: float = 3.0, reuse: bool = True) -> int:
+                   batch: int = 1, held: float = 3.0, reuse: bool = True, device="cpu") -> int:
     """Peak bytes of the streaming engine on ``height x width`` frames (or tiles).
 
     ``held``: encoded frames kept alive (inputs of a chunk + generated frames still
@@ -195,7 +195,7 @@ def estimate_bytes(options: Options, height: int, width: int, *, dtype=torch.flo
     """
     pixels = _padded(height, options.size_multiple) * _padded(width, options.size_multiple)
     elem = _elem_size(dtype)
-    feat = feature_elements(options, dtype)
+    feat = feature_elements(options, dtype, device)
     call = TRANSIENT_MARGIN * (2 * feat + fusion_elements(options))
     if reuse:
         live = held * feat + max(batch * call, (batch + 1) * 2 * feat)
@@ -260,18 +260,21 @@ class Tiling:
         return where + ("" if self.reuse else " (features re-encoded per call)")
 
 
-def _grid_fits(options, grid: TileGrid, *, dtype, batch, held, reuse, budget) -> bool:
+def _grid_fits(options, grid: TileGrid, *, dtype, batch, held, reuse, budget,
+               device="cpu") -> bool:
     if reuse:
         # Every tile's features of every held frame stay alive; the largest tile's call runs.
         pix_feat = sum((b[1] - b[0]) * (b[3] - b[2]) for b in grid.boxes)
         h = grid.boxes[0][1] - grid.boxes[0][0]
         w = grid.boxes[0][3] - grid.boxes[0][2]
-        per_tile = estimate_bytes(options, h, w, dtype=dtype, batch=batch, held=0, reuse=True)
-        held_bytes = held * feature_elements(options, dtype) * _elem_size(dtype) * pix_feat
+        per_tile = estimate_bytes(options, h, w, dtype=dtype, batch=batch, held=0, reuse=True,
+                                  device=device)
+        held_bytes = held * feature_elements(options, dtype, device) * _elem_size(dtype) * pix_feat
         return held_bytes + per_tile <= budget
     h = grid.boxes[0][1] - grid.boxes[0][0]
     w = grid.boxes[0][3] - grid.boxes[0][2]
-    return estimate_bytes(options, h, w, dtype=dtype, batch=batch, reuse=False) <= budget
+    return estimate_bytes(options, h, w, dtype=dtype, batch=batch, reuse=False,
+                          device=device) <= budget
 
 
 def choose_tiling(tile: Union[None, str, int], options: Options, height: int, width: int, *,
@@ -301,7 +304,7 @@ def choose_tiling(tile: Union[None, str, int], options: Options, height: int, wi
             return Tiling(None, True)
         full = make_grid(height, width, None)
         if _grid_fits(options, full, dtype=dtype, batch=batch, held=held, reuse=True,
-                      budget=budget):
+                      budget=budget, device=device):
             return Tiling(None, True)
         m = options.size_multiple
         top = _padded(max(height, width), m)
@@ -309,7 +312,7 @@ def choose_tiling(tile: Union[None, str, int], options: Options, height: int, wi
             grid = make_grid(height, width, size)
             for reuse in (True, False):
                 if _grid_fits(options, grid, dtype=dtype, batch=batch, held=held, reuse=reuse,
-                              budget=budget):
+                              budget=budget, device=device):
                     return Tiling(None if grid.full_frame else size, reuse)
         return Tiling(2 * m, False)
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
@@ -321,7 +324,7 @@ def choose_tiling(tile: Union[None, str, int], options: Options, height: int, wi
     if not known:
         return Tiling(size, True)
     reuse = _grid_fits(options, grid, dtype=dtype, batch=batch, held=held, reuse=True,
-                       budget=budget)
+                       budget=budget, device=device)
     return Tiling(size, reuse)
 
 

@@ -106,6 +106,8 @@ def test_triton_kernel_launches_per_forward(monkeypatch, widths, dtype, aten_ops
     # (the warps sample with fp32 flows, the buffers hold 16-bit ones) and 5 zeroed padding
     # channel ranges. On a GPU, up to 8 descriptor-table uploads when buffers move.
     slack = 8 if DEVICE == "cuda" else 0
+    if DEVICE == "cuda" and dtype == torch.float32:
+        slack += 5  # GPU fp32 buffers are padded to 16 channels too: 5 zeroed fusion paddings
     assert sum(aten.values()) <= aten_ops + slack, aten
     assert counter.total <= 155, counter.by_op
     assert "aten.contiguous" not in aten  # conv weights are packed once, not per call
