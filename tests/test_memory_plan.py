@@ -97,8 +97,11 @@ def test_plan_equals_a_real_run(monkeypatch, backend, options, height, width, dt
                             ensemble=ensemble)
     first, warm = _real_peaks(monkeypatch, options, height, width, dtype, backend, batch,
                               ensemble)
-    if CUDA:  # (cuDNN may take a workspace on a GPU; Triton allocates nothing unseen)
-        tolerance = 0 if backend == "triton" else 64 << 20
+    if CUDA:
+        # The caching allocator does not split a cached block when less than 1 MiB would be
+        # left over, and counts the whole block as allocated; cuDNN (torch backend) may take a
+        # workspace. Triton allocates nothing the dry run does not see.
+        tolerance = (32 << 20 if backend == "triton" else 96 << 20) + first // 50
     else:
         tolerance = 0
     assert abs(plan.peak_bytes - first) <= tolerance, (plan.peak_bytes, first)

@@ -106,6 +106,16 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
                 if k == 2:
                     up = torch.zeros(2, cout + 3, 64, 96, dtype=dt).contiguous(memory_format=nhwc)
                     ops.upsample_conv2x2(x, (64, 96), w, b, out=up[:, 3:], backend="triton")
+                # FILM's layouts (film_fast.buffers): conv outputs first in buffers padded to
+                # 16 channels, i.e. aligned slices: these must keep the big tiles unspilled
+                pad = cout + 16 - cout % 16
+                big = torch.zeros(2, pad, 32, 48, dtype=dt).contiguous(memory_format=nhwc)
+                small = torch.zeros(2, pad, 16, 24, dtype=dt).contiguous(memory_format=nhwc)
+                ops.conv2d_levels([x, x[:, :, :16, :24]], w, b, "leaky_relu",
+                                  out=[big[:, :cout], small[:, :cout]], backend="triton")
+                if k == 2:
+                    up = torch.zeros(2, pad, 64, 96, dtype=dt).contiguous(memory_format=nhwc)
+                    ops.upsample_conv2x2(x, (64, 96), w, b, out=up[:, :cout], backend="triton")
         flow = torch.randn(2, 2, 32, 48, dtype=dt, requires_grad=True)
         ops.warp(x, flow, backend="triton").sum().backward()
         os.environ["FILM_FAST_DETERMINISTIC"] = "1"
