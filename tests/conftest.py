@@ -13,6 +13,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# fp32 parity is checked against fp32 truths. On Ampere and later GPUs PyTorch lets cuDNN run
+# fp32 convolutions in TF32 by default (10-bit mantissa), which would put the torch and CuPy
+# backends (cuDNN convs) ~1e-3 off the golden outputs and off the Triton backend's IEEE fp32:
+# the suite runs IEEE fp32 everywhere. (No effect on a CPU.)
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 GOLDEN = os.path.join(DATA, "golden")
 PHOTOS = os.path.join(DATA, "photos")
