@@ -19,7 +19,6 @@ checks at small sizes; here any size can be run (a 4K fp16 CPU run needs ~15 GiB
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -38,35 +37,6 @@ from film_fast import benchmark, memory_plan  # noqa: E402
 from film_fast.api import BUILTIN_MODEL, resolve_dtype  # noqa: E402
 from film_fast.checkpoints import read_checkpoint  # noqa: E402
 from film_fast.options import Options  # noqa: E402
-
-
-@contextlib.contextmanager
-def _cpu_gpu_graph(backend: str):
-    """The CPU run of what a GPU runs: the in-place buffer graph (not the CPU dense path);
-    Triton kernels skipped (their launchers still allocate), or the torch reference ops."""
-    from film_fast.ops import eager
-    from film_fast import buffers
-    saved = film_fast.FILM._dense_on_cpu
-    film_fast.FILM._dense_on_cpu = lambda self, device: False
-    patched = [(buffers, "GPU_ALIGNMENT_ON_CPU", buffers.GPU_ALIGNMENT_ON_CPU)]
-    buffers.GPU_ALIGNMENT_ON_CPU = True
-    try:
-        if backend == "triton":
-            from triton.runtime import interpreter
-            patched.append((interpreter.InterpretedFunction, "run",
-                            interpreter.InterpretedFunction.run))
-            interpreter.InterpretedFunction.run = lambda *a, **k: None
-            yield
-        else:  # no CPU-only fast path either (oneDNN's fused conv + LeakyReLU)
-            from film_fast.ops import torch_fast
-            patched.append((torch_fast, "_POINTWISE", torch_fast._POINTWISE))
-            torch_fast._POINTWISE = None
-            with eager.reference_only():
-                yield
-    finally:
-        film_fast.FILM._dense_on_cpu = saved
-        for owner, name, value in patched:
-            setattr(owner, name, value)
 
 
 def measure_one(options, width: int, height: int, dtype, backend: str, device) -> dict:
@@ -90,7 +60,7 @@ def measure_one(options, width: int, height: int, dtype, backend: str, device) -
         row["measured_bytes"] = torch.cuda.max_memory_allocated(device) - before + params + inputs
         row["reserved_bytes"] = torch.cuda.max_memory_reserved(device)
     else:
-        with _cpu_gpu_graph(backend):
+        with memory_plan.gpu_graph_on_cpu(backend):
             row["measured_bytes"] = memory_plan.measure(model, x0, x1)
     del model, x0, x1
     gc.collect()

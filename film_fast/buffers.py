@@ -14,7 +14,7 @@ consuming such a buffer gets its weight zero-extended to match
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 
@@ -113,22 +113,4 @@ def new_buffer(batch: int, channels: int, height: int, width: int, *, align: int
                       memory_format=torch.channels_last)
     if total > channels and zero_padding:
         buf[:, channels:].zero_()
-    return buf
-
-
-def concat_into(parts: Sequence[torch.Tensor], *, align: int = 1, prefix: int = 0,
-                extra: int = 0) -> torch.Tensor:
-    """Channel concat of ``parts`` written into a new aligned buffer.
-
-    ``prefix`` leaves that many leading channels and ``extra`` that many trailing
-    channels unwritten, for a producer to fill in place later.
-    """
-    first = parts[0]
-    b, _, h, w = first.shape
-    channels = prefix + sum(p.shape[1] for p in parts) + extra
-    buf = new_buffer(b, channels, h, w, align=align, dtype=first.dtype, device=first.device)
-    offset = prefix
-    for p in parts:
-        buf[:, offset:offset + p.shape[1]].copy_(p)
-        offset += p.shape[1]
     return buf

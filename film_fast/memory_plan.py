@@ -85,6 +85,7 @@ class LiveBytes(TorchDispatchMode):
         self.current = 0
         self.peak = 0
         self.at_peak: List[Allocation] = []
+        self._snapshot_due = False
         self._live: Dict[int, Allocation] = {}
         self._finalizers: List[weakref.finalize] = []
 
@@ -119,7 +120,7 @@ class LiveBytes(TorchDispatchMode):
         self._take_snapshot()
 
     def _take_snapshot(self) -> None:
-        if getattr(self, "_snapshot_due", False):
+        if self._snapshot_due:
             self.at_peak = sorted(self._live.values(), key=lambda a: -a.nbytes)
             self._snapshot_due = False
 
@@ -342,6 +343,37 @@ def measure(model, x0: torch.Tensor, x1: torch.Tensor, batch_dt=0.5,
             y = model(x0, x1, batch_dt)
         del y
     return meter.peak
+
+
+@contextlib.contextmanager
+def gpu_graph_on_cpu(backend: str):
+    """CPU tensors run the graph a GPU runs, to check :func:`plan` against real tensors:
+    the in-place buffer graph (not the CPU dense path), the GPU's channel alignment, and
+    either the Triton launchers with their kernels skipped (what they allocate does not
+    depend on values; needs ``TRITON_INTERPRET=1``) or the torch backend's reference ops
+    without the CPU-only fused oneDNN conv. Process-wide while it lasts (a test tool)."""
+    from . import buffers
+    from .model import FILM
+    from .ops import eager, torch_fast
+    saved = [(FILM, "_dense_on_cpu", FILM._dense_on_cpu),
+             (buffers, "GPU_ALIGNMENT_ON_CPU", buffers.GPU_ALIGNMENT_ON_CPU)]
+    FILM._dense_on_cpu = lambda self, device: False
+    buffers.GPU_ALIGNMENT_ON_CPU = True
+    try:
+        if backend == "triton":
+            from triton.runtime import interpreter
+            saved.append((interpreter.InterpretedFunction, "run",
+                          interpreter.InterpretedFunction.run))
+            interpreter.InterpretedFunction.run = lambda *a, **k: None
+            yield
+        else:
+            saved.append((torch_fast, "_POINTWISE", torch_fast._POINTWISE))
+            torch_fast._POINTWISE = None
+            with eager.reference_only():
+                yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
 
 
 def format_table(plans: Sequence[MemoryPlan], device_bytes: Optional[int] = None) -> str:

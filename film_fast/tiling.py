@@ -40,7 +40,7 @@ formula times ``PEAK_FACTOR = 1.5``. On CUDA the same factor is used. There the
 graph writes its buffers in place, and its live tensors are predicted exactly by
 :mod:`film_fast.memory_plan` (a dry run, checked against real runs). Against that
 prediction, one call of the formula (``reuse=False``, batch 1) is 1.29x the Triton
-path's activations in fp16 and 1.28x in fp32, and 1.16x the torch backend's in fp32.
+path's activations in fp16 and 1.30x in fp32, and 1.18x the torch backend's in fp32.
 It is only 0.93x the torch backend's in fp16/bf16, whose warps read fp32 copies of
 the features, so there ``PEAK_FACTOR`` is the margin (guarded by
 ``tests/test_memory_plan.py``).

@@ -18,7 +18,7 @@ import torch
 import film_fast
 from film_fast import cli, memory_plan
 from film_fast.options import Options
-from film_fast.ops import dispatch, eager
+from film_fast.ops import dispatch
 
 CUDA = torch.cuda.is_available()
 TINY = Options(filters=2, flow_filters=(2, 2, 2, 2))
@@ -33,23 +33,7 @@ def _triton_available() -> bool:
     return CUDA or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@contextlib.contextmanager
-def _gpu_graph_on_cpu(monkeypatch, backend):
-    """CPU tensors through the graph a GPU runs (see the module docstring)."""
-    monkeypatch.setattr(film_fast.FILM, "_dense_on_cpu", lambda self, device: False)
-    monkeypatch.setattr("film_fast.buffers.GPU_ALIGNMENT_ON_CPU", True)
-    if backend == "triton":
-        from triton.runtime import interpreter
-        monkeypatch.setattr(interpreter.InterpretedFunction, "run", lambda *a, **k: None)
-        yield
-    else:  # no CPU-only fast path either (oneDNN's fused conv + LeakyReLU)
-        from film_fast.ops import torch_fast
-        monkeypatch.setattr(torch_fast, "_POINTWISE", None)
-        with eager.reference_only():
-            yield
-
-
-def _real_peaks(monkeypatch, options, height, width, dtype, backend, batch, ensemble):
+def _real_peaks(options, height, width, dtype, backend, batch, ensemble):
     """``(first call peak, warm call peak)`` of a real run, as the plan defines them."""
     device = "cuda" if CUDA else "cpu"
     torch.manual_seed(0)
@@ -70,7 +54,7 @@ def _real_peaks(monkeypatch, options, height, width, dtype, backend, batch, ense
                + 2 * x0.untyped_storage().nbytes())
         first = torch.cuda.max_memory_allocated() - before + own
         return first, cuda_call_peak(model, x0, x1, 0.5)
-    with _gpu_graph_on_cpu(monkeypatch, backend):
+    with memory_plan.gpu_graph_on_cpu(backend):
         first = memory_plan.measure(model, x0, x1)
         warm = memory_plan.measure(model, x0, x1)  # caches exist now and are not adopted
     return first, warm
@@ -95,7 +79,7 @@ def test_plan_equals_a_real_run(monkeypatch, backend, options, height, width, dt
         pytest.skip("CPU fp16 convolutions of the published widths take minutes")
     plan = memory_plan.plan(options, height, width, dtype=dtype, backend=backend, batch=batch,
                             ensemble=ensemble)
-    first, warm = _real_peaks(monkeypatch, options, height, width, dtype, backend, batch,
+    first, warm = _real_peaks(options, height, width, dtype, backend, batch,
                               ensemble)
     if CUDA:
         # The caching allocator does not split a cached block when less than 1 MiB would be
