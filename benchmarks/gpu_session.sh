@@ -100,7 +100,7 @@ fi
 # 3. Correctness on the GPU: kernel parity (triton + cupy) and model golden parity.
 step "gpu tests" 180 python -m pytest -q -x tests/test_cupy_kernels.py tests/test_triton_kernels.py \
   tests/test_backend_model_gpu.py tests/test_triton_model.py tests/test_golden_parity.py \
-  tests/test_memory_plan.py \
+  tests/test_memory_plan.py tests/test_transfer.py tests/test_cuda_graphs.py \
   -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
 
 # 3a. Peak memory: the dry-run prediction (film-fast bench --memory-plan, exact on the CPU) against

@@ -43,7 +43,7 @@ from .imageio import read_image, write_image
 from .interpolation import MAX_TIMES_TO_INTERPOLATE, frame_times, iter_frames, resolve_schedule
 from .model import FILM
 from .options import PADDINGS, Options
-from .stream import DEFAULT_SCENE_THRESHOLD, interpolate as interpolate_stream
+from .stream import DEFAULT_SCENE_THRESHOLD, interpolate as interpolate_stream, prepare_frame
 
 PROG = "film-fast"
 BACKEND_CHOICES = ("auto", "torch", "triton", "cupy")
@@ -373,8 +373,11 @@ def _interpolate_sequence(args: argparse.Namespace, paths: List[str], model=None
     else:
         threshold = args.scene_threshold or None
     show_progress = not args.quiet and sys.stderr.isatty()
-    # Images are read two ahead on a background thread: PNG/JPEG decoding overlaps the model.
-    frames = prefetch((read_image(p) for p in paths), depth=2)
+    # Images are read two ahead on a background thread: PNG/JPEG decoding overlaps the model
+    # (and for a GPU, staging in pinned memory for an asynchronous upload: film_fast.transfer).
+    pin = next(model.parameters()).device.type == "cuda"
+    frames = prefetch((read_image(p) for p in paths), depth=2,
+                      transform=lambda x: prepare_frame(x, pin=pin))
     staging = _Staging(out_dir)
     start = time.perf_counter()
     try:

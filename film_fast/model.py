@@ -39,6 +39,7 @@ from .feature_extractor import FeatureExtractor
 from .flow_estimator import PyramidFlowEstimator
 from .fusion import Fusion
 from .options import Options
+from .transfer import to_device_async
 from .buffers import channel_align, image_channels, new_buffer
 from .pyramid import (build_image_pyramid, crop_padding, fill_padding, pad_to_multiple,
                       padding_for, synthesize_flow_pyramid)
@@ -179,9 +180,16 @@ class FILM(nn.Module):
         return self._check_time(batch_dt, x0.shape[0])
 
     def _check_time(self, batch_dt: TimeLike, batch: int) -> torch.Tensor:
-        """``[B, 1]``, ``[B]`` or scalar time -> float32 ``[B]`` on the model's device."""
+        """``[B, 1]``, ``[B]`` or scalar time -> float32 ``[B]`` on the model's device.
+
+        Without a host sync on a GPU: a number becomes a device-side fill, a CPU tensor an
+        asynchronous copy (a plain ``.to("cuda")`` would wait for the stream to drain, and
+        the streaming engine calls this once per forward)."""
         if not isinstance(batch_dt, torch.Tensor):
-            batch_dt = torch.tensor(float(batch_dt))
+            value, device = float(batch_dt), self.device
+            if device.type == "cpu":  # (a broadcast scalar: no kernel at all)
+                return torch.tensor(value, dtype=torch.float32).expand(batch)
+            return torch.full((batch,), value, dtype=torch.float32, device=device)
         dt = batch_dt.detach() if not batch_dt.requires_grad else batch_dt
         if dt.dim() == 0:
             dt = dt.expand(batch)
@@ -190,7 +198,7 @@ class FILM(nn.Module):
         elif not (dt.dim() == 1 and dt.shape[0] == batch):
             raise ValueError(f"batch_dt must be [B, 1], [B] or a scalar with B = {batch}, got shape "
                              f"{list(batch_dt.shape)}")
-        return dt.to(device=self.device, dtype=torch.float32)
+        return to_device_async(dt, self.device, torch.float32)
 
     # ---- graph ----------------------------------------------------------------------------
     def _dense_on_cpu(self, device: torch.device) -> bool:

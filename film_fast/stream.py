@@ -34,6 +34,7 @@ from .interpolation import (_check_k, _check_n, _device_dtype, even_steps, recur
                             resolve_schedule)
 from .model import FrameFeatures
 from .tiling import Tiling, blend_tiles, choose_tiling, make_grid
+from .transfer import Transfers, deliver, stage_pinned
 
 FrameLike = Union[torch.Tensor, np.ndarray]
 
@@ -213,12 +214,16 @@ def _describe(obj) -> str:
 
 
 class _Frame:
-    """An input frame: what the caller gave (``orig``), float32 CPU ``[3, H, W]`` (``x``)."""
+    """An input frame: what the caller gave (``orig``) and its float32 CPU ``[3, H, W]``
+    (``x``, converted on first use). ``host``: a pinned copy to upload from (see
+    :func:`prepare_frame`); ``upload``: its device copy and ready event once
+    :class:`film_fast.transfer.Transfers` has started the upload."""
 
-    __slots__ = ("orig", "x", "kind", "_thumb")
+    __slots__ = ("orig", "_x", "kind", "_thumb", "host", "upload")
 
-    def __init__(self, orig, x: torch.Tensor, kind: str) -> None:
-        self.orig, self.x, self.kind, self._thumb = orig, x, kind, None
+    def __init__(self, orig, x: Optional[torch.Tensor], kind: str) -> None:
+        self.orig, self._x, self.kind, self._thumb = orig, x, kind, None
+        self.host, self.upload = None, None
 
     @classmethod
     def wrap(cls, obj, index: int) -> "_Frame":
@@ -232,13 +237,21 @@ class _Frame:
         if isinstance(obj, np.ndarray):
             if obj.dtype != np.uint8 or obj.ndim != 3 or obj.shape[2] != 3:
                 raise InputError(f"frame {index}: {EXPECTED_FRAME}, got an {_describe(obj)}")
-            # Exactly film_fast.imageio.read_image's conversion (float32 divide by 255).
-            x = torch.from_numpy(obj.astype(np.float32) / np.float32(255.0)).permute(2, 0, 1)
-            return cls(obj, x.contiguous(), "numpy")
+            return cls(obj, None, "numpy")
         raise InputError(f"frame {index}: {EXPECTED_FRAME}, got {_describe(obj)}")
 
     @property
+    def x(self) -> torch.Tensor:
+        if self._x is None:
+            # Exactly film_fast.imageio.read_image's conversion (float32 divide by 255).
+            x = torch.from_numpy(self.orig.astype(np.float32) / np.float32(255.0))
+            self._x = x.permute(2, 0, 1).contiguous()
+        return self._x
+
+    @property
     def size(self) -> Tuple[int, int]:
+        if self.kind == "numpy":
+            return int(self.orig.shape[0]), int(self.orig.shape[1])
         return int(self.x.shape[1]), int(self.x.shape[2])
 
     def thumb(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -247,14 +260,34 @@ class _Frame:
             self._thumb = (t, _histogram(t))
         return self._thumb
 
+    def staged(self) -> torch.Tensor:
+        """A pinned host copy to upload: the ``[H, W, 3]`` uint8 pixels as given (a quarter
+        of the float32 bytes), or the float32 ``[3, H, W]`` frame. Needs CUDA."""
+        if self.host is None:
+            if self.kind == "numpy":
+                self.host = stage_pinned(torch.from_numpy(np.ascontiguousarray(self.orig)))
+            else:
+                self.host = stage_pinned(self.x)
+        return self.host
 
-def prepare_frame(obj, thumb: bool = False) -> "_Frame":
+    def release_staged(self) -> None:
+        self.host = None
+
+
+def prepare_frame(obj, thumb: bool = False, pin: bool = False) -> "_Frame":
     """An input frame (as :func:`interpolate` takes them) converted ahead of time, for a
     producer on another thread: the float conversion (10 ms per 1080p frame on this CPU)
     and, with ``thumb``, the scene-detection thumbnail (6 ms) then run there instead of on
-    the thread that drives the model. The engine takes the result in place of ``obj``.
-    ``film-fast video`` prepares every decoded frame on its read-ahead thread."""
+    the thread that drives the model. With ``pin`` (for a model on a CUDA GPU) the frame is
+    staged in pinned memory instead, as uint8 when it is uint8, ready for an asynchronous
+    upload (:mod:`film_fast.transfer`); the float conversion then happens on the GPU. The
+    engine takes the result in place of ``obj``. ``film-fast video`` prepares every decoded
+    frame on its read-ahead thread."""
     frame = _Frame.wrap(obj, 0)
+    if pin:
+        frame.staged()
+    else:
+        frame.x
     if thumb:
         frame.thumb()
     return frame
@@ -285,15 +318,17 @@ def _split(features: FrameFeatures) -> List[FrameFeatures]:
 class _Runner:
     """Encodes frames and runs interpolation calls, full frame or tiled."""
 
-    def __init__(self, model, height: int, width: int, tiling: Tiling) -> None:
+    def __init__(self, model, height: int, width: int, tiling: Tiling,
+                 transfers: Transfers) -> None:
         self.model = model
         self.device, self.dtype = _device_dtype(model)
+        self.transfers = transfers
         self.grid = make_grid(height, width, tiling.tile)
         self.reuse = tiling.reuse
         self.weights = None if self.grid.full_frame else self.grid.weights(self.device)
 
     def to_device(self, frames: List[_Frame]) -> List[torch.Tensor]:
-        return [f.x.to(device=self.device, dtype=self.dtype) for f in frames]
+        return self.transfers.device_images(frames)
 
     def encode(self, images: Sequence[torch.Tensor]) -> List[List[FrameFeatures]]:
         """Per image, per tile, its features (batch of one)."""
@@ -306,7 +341,9 @@ class _Runner:
 
     def call(self, a: Sequence[_Node], b: Sequence[_Node], dts: Sequence[float]) -> torch.Tensor:
         """``[N, 3, H, W]``: the frame at ``dts[i]`` between ``a[i]`` and ``b[i]``."""
-        dt = torch.tensor(list(dts), dtype=torch.float32)
+        # (one time for all: a device-side fill; several: an asynchronous copy. FILM's
+        # _check_time does either without a host sync.)
+        dt = float(dts[0]) if len(set(dts)) == 1 else torch.tensor(list(dts), dtype=torch.float32)
         count = len(a)
         outputs = []
         with torch.inference_mode():
@@ -325,15 +362,6 @@ class _Runner:
 
 
 # ---- the engine -----------------------------------------------------------------------------
-def _out_tensor(image: torch.Tensor) -> torch.Tensor:
-    return image.detach().to(device="cpu", dtype=torch.float32).clamp(0.0, 1.0)
-
-
-def _out_numpy(image: torch.Tensor) -> np.ndarray:
-    from .imageio import to_uint8
-    return to_uint8(image)
-
-
 def _cut_plan(plan: PairPlan) -> PairPlan:
     """A scene cut: no calls, every generated output repeats the pair's first frame."""
     _, outputs = plan
@@ -349,6 +377,11 @@ def run_stream(model, frames: Iterable[FrameLike], plan_for: Callable[[int], Pai
                budget: Optional[int] = None) -> Iterator[Tuple[Any, FrameLike]]:
     """The engine behind :func:`interpolate`: yields ``(tag, frame)`` in output order.
 
+    On a CUDA GPU the frames move with :class:`film_fast.transfer.Transfers`: inputs are
+    uploaded a chunk ahead on a copy stream, outputs come back on another one and are handed
+    out a few items late (:func:`film_fast.transfer.deliver`), so the copies overlap the
+    model. The order and the values are those of the synchronous path.
+
     Args:
         plan_for: ``plan_for(i)`` -> the plan of pair ``i`` (frames ``i`` and ``i + 1``),
             called once frame ``i + 2`` (or the end) has been read.
@@ -362,6 +395,13 @@ def run_stream(model, frames: Iterable[FrameLike], plan_for: Callable[[int], Pai
     Raises:
         InputError: fewer than 2 frames, a frame of another size or kind, a bad frame.
     """
+    return deliver(_stream_items(model, frames, plan_for, batch_size, scene_threshold, tile,
+                                 tail_for, select, on_start, budget))
+
+
+def _stream_items(model, frames, plan_for, batch_size, scene_threshold, tile, tail_for, select,
+                  on_start, budget):
+    """run_stream's items, generated frames possibly still pending (transfer.PendingFrame)."""
     it = iter(frames)
     first_obj = next(it, None)
     if first_obj is None:
@@ -387,6 +427,7 @@ def run_stream(model, frames: Iterable[FrameLike], plan_for: Callable[[int], Pai
     if second is None:
         raise InputError("need at least 2 frames to interpolate, got 1")
     device, dtype = _device_dtype(model)
+    transfers = Transfers(device, dtype)
     held = (batch_size + 1) + batch_size * plan_for(0)[0].max_live
     if isinstance(tile, Tiling):
         tiling = tile
@@ -397,9 +438,11 @@ def run_stream(model, frames: Iterable[FrameLike], plan_for: Callable[[int], Pai
                                batch=batch_size * k, held=held * k, budget=budget)
     if on_start is not None:
         on_start(tiling, height, width)
-    runner = _Runner(model, height, width, tiling)
+    runner = _Runner(model, height, width, tiling, transfers)
     passthrough = (lambda f: f.orig)
-    out_generated = _out_numpy if kind == "numpy" else _out_tensor
+
+    def out_generated(image: torch.Tensor):
+        return transfers.download(image, kind)
 
     lookahead = [second]
     next_index = 2
@@ -421,6 +464,10 @@ def run_stream(model, frames: Iterable[FrameLike], plan_for: Callable[[int], Pai
         tail = list(tail_for(pair + len(chunk) + 1)) if last else []
         tags = [tag for _, outputs in plans for _, tag in outputs] + tail
         if select is None or select(pair, tags):
+            # This chunk's frames were uploaded with the previous one (or now, after a skip);
+            # the next chunk's first frame starts now, behind this chunk's compute.
+            for frame in chunk + lookahead[:batch_size]:
+                transfers.start_upload(frame)
             prev_node = yield from _run_chunk(runner, inputs, prev_node, plans, batch_size,
                                               scene_threshold, passthrough, out_generated)
             for tag in tail:

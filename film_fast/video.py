@@ -83,6 +83,7 @@ import torch
 from PIL import Image
 
 from .errors import FilmFastError, InputError
+from .interpolation import _device_dtype
 from .stream import (DEFAULT_SCENE_THRESHOLD, HOLD, dyadic_subset_schedule, even_schedule,
                      grid_node, prepare_frame, recursive_schedule, run_stream)
 from .tiling import Tiling, choose_tiling
@@ -1126,9 +1127,11 @@ def _run_job(args, dist_env: Dist, info: VideoInfo, out_abs: str, work: str, fmt
     writer = FrameWriter(_write_png if depth == 8 else _write_png16, frames_dir,
                          on_written=progress.update)
     try:
-        # Converted (and thumbnailed for scene detection) on the read-ahead thread too.
+        # Converted (and thumbnailed for scene detection) on the read-ahead thread too; for
+        # a GPU, staged in pinned memory there instead (converted on the GPU).
+        pin = _device_dtype(model)[0].type == "cuda"
         frames = decode_frames(info, on_pts, bit_depth=depth,
-                               prepare=lambda p: prepare_frame(p, thumb=bool(threshold)))
+                               prepare=lambda p: prepare_frame(p, thumb=bool(threshold), pin=pin))
         stream = run_stream(model, frames, plan_for, batch_size=batch,
                             scene_threshold=threshold or None, tile=tiling,
                             tail_for=tail_for, select=select)

@@ -652,21 +652,77 @@ def _level_table(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], block_m
     # The table is fully determined by its rows (addresses included), and a model's buffers
     # come back at the same addresses from the caching allocator frame after frame: reuse the
     # device copy instead of a small host->device transfer per call. Not while a CUDA graph is
-    # captured (a table allocated from the graph's private pool must not outlive it).
+    # captured: a table allocated from the graph's private pool must not outlive it, and its
+    # copy must come from host memory that outlives the graph (_CaptureArenas).
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     key = (str(device), tuple(tuple(r) for r in rows))
-    table = None if capturing else _TABLES.get(key)
+    if capturing:
+        return _CAPTURE_ARENAS.upload(rows, device), start
+    if device.type == "cuda":
+        _CAPTURE_ARENAS.reserve(device)  # (for a capture that may follow this eager call)
+    table = _TABLES.get(key)
     if table is None:
-        table = torch.tensor(rows, dtype=torch.int64).to(device)  # a few hundred bytes
-        if not capturing:
-            if len(_TABLES) >= 256:
-                _TABLES.pop(next(iter(_TABLES)))  # oldest first
-            _TABLES[key] = table
+        table = torch.tensor(rows, dtype=torch.int64)  # a few hundred bytes
+        if device.type == "cuda":  # pinned + non_blocking: stream-ordered, no host sync
+            table = table.pin_memory().to(device, non_blocking=True)
+        else:  # (meta: a dry run's stand-in for the GPU path, audited by transfer.HostSyncs)
+            table = table.to(device, non_blocking=device.type == "meta")
+        if len(_TABLES) >= 256:
+            _TABLES.pop(next(iter(_TABLES)))  # oldest first
+        _TABLES[key] = table
     return table, start
+
+
+class _CaptureArenas:
+    """Pinned host memory for the descriptor tables of captured CUDA graphs.
+
+    A graph captured with a host->device copy re-reads the host buffer at every replay, so
+    that buffer must stay alive and unchanged as long as the graph, and the copy must come
+    from pinned memory (a blocking or pageable copy is not capturable). Allocating pinned
+    memory inside a capture is not reliably allowed either (it queries CUDA events), so each
+    device gets an arena allocated outside any capture, by the eager calls that precede one
+    (``film_fast.cuda_graphs`` warms up before it captures), and captured tables take
+    slices of it that are never reused. A capture of the published model at one shape takes
+    ~2,000 of its 65,536 entries; a fresh arena replaces one that is half used.
+    """
+
+    ENTRIES = 1 << 16
+
+    def __init__(self) -> None:
+        self._arenas: dict = {}  # device -> [current arena, next free entry]
+        self._retired: list = []  # full arenas: captured graphs may still read them
+
+    def reserve(self, device: torch.device) -> None:
+        """Outside a capture: make sure ``device`` has an arena at most half used."""
+        slot = self._arenas.get(str(device))
+        if slot is None or slot[1] > self.ENTRIES // 2:
+            if slot is not None:
+                self._retired.append(slot[0])
+            self._arenas[str(device)] = [self._new_arena(), 0]
+
+    def _new_arena(self) -> torch.Tensor:
+        return torch.empty(self.ENTRIES, dtype=torch.int64, pin_memory=True)
+
+    def upload(self, rows, device: torch.device) -> torch.Tensor:
+        """Inside a capture: the table as a device tensor, copied from a fresh arena slice."""
+        slot = self._arenas.get(str(device))
+        n = len(rows) * len(rows[0])
+        if slot is None or slot[1] + n > self.ENTRIES:
+            raise RuntimeError(
+                "film_fast: a CUDA graph capture needs the Triton conv descriptor arena, which "
+                "is set up by an eager call on the same device first; run the model once "
+                "outside the capture (film_fast.cuda_graphs.CUDAGraphFILM does)")
+        host = slot[0][slot[1]:slot[1] + n]
+        slot[1] += n
+        host.copy_(torch.tensor(rows, dtype=torch.int64).view(-1))
+        table = torch.empty(len(rows), len(rows[0]), dtype=torch.int64, device=device)
+        table.view(-1).copy_(host, non_blocking=True)
+        return table
 
 
 # (device, rows) -> device copy of a conv2d_levels descriptor table (read-only in the kernel)
 _TABLES: dict = {}
+_CAPTURE_ARENAS = _CaptureArenas()
 
 
 def conv_fwd_levels(xs: Sequence[torch.Tensor], weight: torch.Tensor,
