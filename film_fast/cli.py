@@ -441,7 +441,8 @@ def _interpolate_two(args: argparse.Namespace) -> int:
         height, width = frame0.shape[1:]
         k = model.ensemble
         if choose_tiling("auto", model.options, height, width, device=device, dtype=dtype,
-                         batch=k, held=3.0 * k).tile is not None:
+                         batch=k, held=3.0 * k, backend=model.backend,
+                         ensemble=k).tile is not None:
             return _interpolate_sequence(args, [args.frame0, args.frame1], model=model)
     times = frame_times(args.times_to_interpolate, args.num_frames)
     digits = max(3, len(str(len(times) - 1)))

@@ -31,6 +31,7 @@ import dataclasses
 import weakref
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -79,9 +80,10 @@ class LiveBytes(TorchDispatchMode):
 
     observes_only = True
 
-    def __init__(self, block: int = CUDA_BLOCK_BYTES) -> None:
+    def __init__(self, block: int = CUDA_BLOCK_BYTES, device_type: Optional[str] = None) -> None:
         super().__init__()
         self.block = max(1, int(block))
+        self.device_type = device_type  # count only storages on this device type (None: all)
         self.current = 0
         self.peak = 0
         self.at_peak: List[Allocation] = []
@@ -91,6 +93,8 @@ class LiveBytes(TorchDispatchMode):
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _track(self, t: torch.Tensor, op: str) -> None:
+        if self.device_type is not None and t.device.type != self.device_type:
+            return
         storage = t.untyped_storage()
         key = id(storage)
         if key in self._live:
@@ -328,6 +332,55 @@ def plan(options=None, height: int = 1080, width: int = 1920, *, dtype=torch.flo
                       weights_bytes=weights, inputs_bytes=inputs, peak_bytes=first_peak,
                       cache_bytes=cache, warm_peak_bytes=weights + inputs + warm_growth,
                       output_bytes=output, launches=launches, at_peak=first_at_peak)
+
+
+def plan_stream(options=None, height: int = 1080, width: int = 1920, *,
+                dtype=torch.float16, backend: str = "triton", batch: int = 1, held: float = 2,
+                reuse: bool = True, ensemble: int = 1, block: int = CUDA_BLOCK_BYTES) -> int:
+    """Predicted peak device bytes, above the weights, of the streaming engine
+    (:func:`film_fast.stream.run_stream`) on ``height x width`` frames: what ``tile="auto"``
+    must fit into a GPU's free memory (:func:`film_fast.tiling.choose_tiling` calibrates
+    its formula with it on CUDA).
+
+    The engine itself runs, on a model on the ``meta`` device, over enough frames to reach
+    its steady state: its first chunk encodes ``batch + 1`` frames at once, later chunks
+    keep the previous frame and the generated frames that calls still use. ``held``: the
+    encoded frames the engine holds, as run_stream counts them (``(batch + 1) + batch *
+    live``, without the ensemble factor); the schedule run is the recursive one with that
+    many ``live`` generated frames. ``reuse=False``: features are not kept, each call
+    encodes its ``2 * batch`` frames. Only meta tensors are counted (the frames' CPU copies
+    are not device memory).
+    """
+    import math
+    from .options import Options
+    from .stream import grid_node, recursive_schedule, run_stream, uniform_plan
+    from .tiling import Tiling
+    from .api import resolve_dtype
+    options = options if options is not None else Options()
+    dtype = resolve_dtype(dtype)
+    backend = dispatch.normalize_backend(backend)
+    backend = "triton" if backend == "auto" else backend
+    if backend not in dispatch.DRY_RUN_BACKENDS:
+        raise ValueError(f"memory plans cover the {' and '.join(dispatch.DRY_RUN_BACKENDS)} "
+                         f"backends, got {backend!r}")
+    if height < 1 or width < 1 or batch < 1:
+        raise ValueError(f"need a positive size and batch, got {width}x{height}, batch {batch}")
+    live = max(0, math.ceil((held - batch - 1) / batch))
+    k = live + 1  # recursive_schedule(k).max_live == k - 1
+    schedule = recursive_schedule(k)
+    pair_plan = uniform_plan(schedule, [grid_node(p, 1 << k) for p in range(1 << k)])
+    frame = np.zeros((height, width, 3), dtype=np.uint8)
+    with dry_run():
+        model = _meta_model(options, dtype, backend, ensemble)
+        meter = LiveBytes(block, device_type="meta")
+        with meter:
+            meter.adopt(list(model.parameters()) + list(model.buffers()), "weights")
+            base = meter.current
+            stream = run_stream(model, [frame] * (2 * batch + 2), lambda i: pair_plan,
+                                batch_size=batch, tile=Tiling(None, reuse))
+            for _ in stream:
+                pass
+    return meter.peak - base
 
 
 def measure(model, x0: torch.Tensor, x1: torch.Tensor, batch_dt=0.5,

@@ -435,7 +435,8 @@ def _stream_items(model, frames, plan_for, batch_size, scene_threshold, tile, ta
         # A flip ensemble (FILM.ensemble) multiplies every encoded frame and call by its size.
         k = getattr(model, "ensemble", 1)
         tiling = choose_tiling(tile, model.options, height, width, device=device, dtype=dtype,
-                               batch=batch_size * k, held=held * k, budget=budget)
+                               batch=batch_size * k, held=held * k, budget=budget,
+                               backend=getattr(model, "backend", None), ensemble=k)
     if on_start is not None:
         on_start(tiling, height, width)
     runner = _Runner(model, height, width, tiling, transfers)

@@ -36,9 +36,11 @@ blocks (the encoder's temporaries are not returned before the call allocates its
 own), oneDNN keeps scratch buffers. Measured on the CPU with the published model
 (fp32, ``film-fast video --factor 2`` on 960x506 frames): peak RSS 3.45 GB above the
 loaded model, against 2.33 GB from the formula; so budgets are compared with the
-formula times ``PEAK_FACTOR = 1.5``. On CUDA the same factor is used. There the
-graph writes its buffers in place, and its live tensors are predicted exactly by
-:mod:`film_fast.memory_plan` (a dry run, checked against real runs). Against that
+formula times ``PEAK_FACTOR = 1.5``. On CUDA, where the graph writes its buffers in
+place, the engine's live tensors are predicted exactly by
+:func:`film_fast.memory_plan.plan_stream` (a dry run of the engine, checked against real
+runs); :func:`choose_tiling` scales the formula to that plan and uses
+``CUDA_PLAN_FACTOR = 1.15`` when it knows the model's backend. Against the forward's plan
 prediction, one call of the formula (``reuse=False``, batch 1) is 1.29x the Triton
 path's activations in fp16 and 1.30x in fp32, and 1.18x the torch backend's in fp32.
 It is only 0.93x the torch backend's in fp16/bf16, whose warps read fp32 copies of
@@ -69,6 +71,11 @@ CPU_BUDGET_FRACTION = 0.70
 CUDA_BUDGET_FRACTION = 0.85
 TRANSIENT_MARGIN = 1.10
 PEAK_FACTOR = 1.5  # process growth / live-tensor estimate, measured (module docstring)
+# On CUDA with a dry-run plan (exact for live tensors, checked on the CPU to the byte): the
+# margin for what it does not count, the caching allocator's fragmentation and rounding of
+# large blocks to 2 MiB, typically a few percent. Not yet measured on a GPU
+# (benchmarks/memory_check.py reports max_memory_reserved next to the plan for that).
+CUDA_PLAN_FACTOR = 1.15
 
 
 # ---- tile grids ---------------------------------------------------------------------------
@@ -261,7 +268,7 @@ class Tiling:
 
 
 def _grid_fits(options, grid: TileGrid, *, dtype, batch, held, reuse, budget,
-               device="cpu") -> bool:
+               device="cpu", scale: float = 1.0) -> bool:
     if reuse:
         # Every tile's features of every held frame stay alive; the largest tile's call runs.
         pix_feat = sum((b[1] - b[0]) * (b[3] - b[2]) for b in grid.boxes)
@@ -270,33 +277,47 @@ def _grid_fits(options, grid: TileGrid, *, dtype, batch, held, reuse, budget,
         per_tile = estimate_bytes(options, h, w, dtype=dtype, batch=batch, held=0, reuse=True,
                                   device=device)
         held_bytes = held * feature_elements(options, dtype, device) * _elem_size(dtype) * pix_feat
-        return held_bytes + per_tile <= budget
+        return scale * (held_bytes + per_tile) <= budget
     h = grid.boxes[0][1] - grid.boxes[0][0]
     w = grid.boxes[0][3] - grid.boxes[0][2]
-    return estimate_bytes(options, h, w, dtype=dtype, batch=batch, reuse=False,
-                          device=device) <= budget
+    return scale * estimate_bytes(options, h, w, dtype=dtype, batch=batch, reuse=False,
+                                  device=device) <= budget
 
 
 def choose_tiling(tile: Union[None, str, int], options: Options, height: int, width: int, *,
                   device, dtype=torch.float32, batch: int = 1, held: float = 3.0,
-                  budget: Optional[int] = None) -> Tiling:
+                  budget: Optional[int] = None, backend: Optional[str] = None,
+                  ensemble: int = 1) -> Tiling:
     """Resolves ``tile`` ("auto" | "off" | None | N) for frames of ``height x width``.
 
     "auto": the full frame when its estimate (times :data:`PEAK_FACTOR`) fits the
     budget, otherwise the largest tile (a multiple of the size multiple, down to 2 of
     them) that fits, keeping features when they fit too. N: that tile size (rounded
     up to the size multiple). ``budget``: bytes (default: measured, see
-    :func:`memory_budget`; ``FILM_FAST_MEMORY_BUDGET`` overrides it).
+    :func:`memory_budget`; ``FILM_FAST_MEMORY_BUDGET`` overrides it). ``batch`` and
+    ``held`` count encoded variants (frames times ``ensemble``).
+
+    On a CUDA device, with the model's ``backend`` given and dry-runnable (Triton, torch),
+    the formula is calibrated by :func:`film_fast.memory_plan.plan_stream`: the engine's
+    own calls dry-run on the meta device at the full frame size (0.1 s at 1080p, ~2 s at
+    4K on this CPU), whose ratio to the formula scales every estimate, and the margin is
+    :data:`CUDA_PLAN_FACTOR` instead of :data:`PEAK_FACTOR`. The formula alone overstates
+    the Triton path by 1.29x, which with the 1.5x margin tiled 4K fp16 on a 24 GB GPU
+    although the untiled run needs 16.5 GB.
     """
     if tile is None or tile == "off":
         return Tiling(None, True)
+    scale = _plan_scale(options, height, width, device=device, dtype=dtype, batch=batch,
+                        held=held, backend=backend, ensemble=ensemble)
     if budget is None:
         override = env_budget_override()
         budget = memory_budget(device) if override is None else override
     known = budget > 0  # (0: free memory unknown)
     if known:
         budget = max(budget - cpu_fast_path_reserve(options, device, dtype), 0)
-    budget = int(budget / PEAK_FACTOR)  # estimate_bytes counts live tensors only
+    # estimate_bytes counts live tensors only
+    budget = int(budget / (PEAK_FACTOR if scale is None else CUDA_PLAN_FACTOR))
+    scale = scale or (lambda reuse: 1.0)
     if isinstance(tile, str):
         if tile != "auto":
             raise InputError(f"tile must be 'auto', 'off' or a size in pixels, got {tile!r}")
@@ -304,7 +325,7 @@ def choose_tiling(tile: Union[None, str, int], options: Options, height: int, wi
             return Tiling(None, True)
         full = make_grid(height, width, None)
         if _grid_fits(options, full, dtype=dtype, batch=batch, held=held, reuse=True,
-                      budget=budget, device=device):
+                      budget=budget, device=device, scale=scale(True)):
             return Tiling(None, True)
         m = options.size_multiple
         top = _padded(max(height, width), m)
@@ -312,7 +333,7 @@ def choose_tiling(tile: Union[None, str, int], options: Options, height: int, wi
             grid = make_grid(height, width, size)
             for reuse in (True, False):
                 if _grid_fits(options, grid, dtype=dtype, batch=batch, held=held, reuse=reuse,
-                              budget=budget, device=device):
+                              budget=budget, device=device, scale=scale(reuse)):
                     return Tiling(None if grid.full_frame else size, reuse)
         return Tiling(2 * m, False)
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
@@ -324,8 +345,39 @@ def choose_tiling(tile: Union[None, str, int], options: Options, height: int, wi
     if not known:
         return Tiling(size, True)
     reuse = _grid_fits(options, grid, dtype=dtype, batch=batch, held=held, reuse=True,
-                       budget=budget, device=device)
+                       budget=budget, device=device, scale=scale(True))
     return Tiling(size, reuse)
+
+
+def _plan_scale(options: Options, height: int, width: int, *, device, dtype, batch: int,
+                held: float, backend: Optional[str], ensemble: int):
+    """``scale(reuse)`` -> dry-run plan / formula at the full frame (computed on first use),
+    or None where there is no plan: not CUDA, no backend given, or a backend the dry run
+    does not cover (CuPy)."""
+    if backend is None or torch.device(device).type != "cuda":
+        return None
+    from .memory_plan import DRY_RUN_BACKENDS, plan_stream
+    from .ops import dispatch
+    from .ops.library import backend_for
+    try:
+        name = backend_for("conv2d", backend, torch.device(device))
+    except dispatch.BackendUnavailable:  # (planning for a device this machine lacks)
+        name = dispatch.normalize_backend(backend)
+    if name not in DRY_RUN_BACKENDS:
+        return None
+    k = max(1, int(ensemble))
+    ratios: dict = {}
+
+    def scale(reuse: bool) -> float:
+        if reuse not in ratios:
+            planned = plan_stream(options, height, width, dtype=dtype, backend=name,
+                                  batch=max(1, batch // k), held=held / k, reuse=reuse,
+                                  ensemble=k)
+            formula = estimate_bytes(options, height, width, dtype=dtype, batch=batch,
+                                     held=held, reuse=reuse, device=device)
+            ratios[reuse] = planned / max(formula, 1)
+        return ratios[reuse]
+    return scale
 
 
 def blend_tiles(outputs: Sequence[torch.Tensor], grid: TileGrid,

@@ -187,6 +187,8 @@ class Transfers:
             out = uint8_pixels(image)
         else:
             out = image.detach().to(dtype=torch.float32).clamp(0.0, 1.0)
+        if out.device.type == "meta":  # a dry run (memory_plan.plan_stream): no values
+            return out
         if not self.cuda or out.device.type != "cuda":
             return out.to(device="cpu").numpy() if kind == "numpy" else out.to(device="cpu")
         out = out.contiguous()

@@ -1066,7 +1066,8 @@ def _run_job(args, dist_env: Dist, info: VideoInfo, out_abs: str, work: str, fmt
         held = (batch + 1) + batch * live
         k = getattr(model, "ensemble", 1)  # a flip ensemble multiplies frames and calls
         t = choose_tiling(args.tile, model.options, info.height, info.width, device=device,
-                          dtype=dtype, batch=batch * k, held=held * k)
+                          dtype=dtype, batch=batch * k, held=held * k,
+                          backend=getattr(model, "backend", None), ensemble=k)
         return t.tile, t.reuse
 
     status = None

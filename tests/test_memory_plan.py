@@ -217,3 +217,86 @@ def test_tiling_estimate_covers_the_planned_gpu_graph(config, dtype, backend):
                                     reuse=False, device="meta")  # (the GPU graph's padding)
     assert formula * tiling.PEAK_FACTOR >= 1.15 * activations, (formula, activations)
     assert formula <= 1.6 * activations, (formula, activations)
+
+
+# ---- the streaming engine ---------------------------------------------------------------------
+STREAM_CASES = [  # options, H, W, batch, times_to_interpolate, reuse
+    (SMALL, 45, 77, 1, 1, True),
+    (SMALL, 64, 96, 2, 2, True),   # batch 2, a generated frame kept for the recursion
+    (SMALL, 64, 96, 1, 1, False),  # no feature reuse: every call encodes its end frames
+    (Options(), 64, 96, 1, 2, True),  # the published widths
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("options,height,width,batch,k,reuse", STREAM_CASES)
+def test_stream_plan_equals_a_real_engine_run(backend, options, height, width, batch, k, reuse):
+    """``plan_stream`` (what tile="auto" calibrates its formula with on CUDA) against the
+    engine's own run of the GPU graph on CPU tensors. The real run also holds the frames'
+    float32 CPU copies, which the plan leaves out (they are not device memory): that is
+    the tolerance."""
+    import numpy as np
+    from film_fast.stream import grid_node, recursive_schedule, run_stream, uniform_plan
+    from film_fast.tiling import Tiling
+    if backend == "triton" and (CUDA or not _triton_available()):
+        pytest.skip("the CPU comparison runs the Triton launchers under TRITON_INTERPRET=1")
+    schedule = recursive_schedule(k)
+    plan = uniform_plan(schedule, [grid_node(p, 1 << k) for p in range(1 << k)])
+    held = (batch + 1) + batch * schedule.max_live
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(6)]
+    torch.manual_seed(0)
+    model = film_fast.FILM(options, backend=backend).eval()
+    memory_plan.forget_cached("cpu")
+    with memory_plan.gpu_graph_on_cpu(backend):
+        meter = memory_plan.LiveBytes()
+        with meter:
+            meter.adopt(list(model.parameters()) + list(model.buffers()), "weights")
+            base = meter.current
+            for _ in run_stream(model, iter(frames), lambda i: plan, batch_size=batch,
+                                tile=Tiling(None, reuse)):
+                pass
+    real = meter.peak - base
+    planned = memory_plan.plan_stream(options, height, width, dtype=torch.float32,
+                                      backend=backend, batch=batch, held=held, reuse=reuse)
+    image = -(-3 * height * width * 4 // 512) * 512
+    assert planned <= real <= planned + (held + 2) * image, (planned, real)
+
+
+def test_stream_plan_without_reuse_is_one_forward():
+    """Without feature reuse the engine encodes a call's two frames as one batch and decodes
+    them in place, as FILM.forward does (no copy of the encoded levels: model._pair_rows):
+    4K fp16 then needs what a forward needs and a few frame images, 16.6 GB, and fits a
+    24 GB GPU untiled."""
+    if not _triton_available():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    forward = memory_plan.plan(None, 2160, 3840, dtype="fp16", backend="triton")
+    stream = memory_plan.plan_stream(None, 2160, 3840, dtype="fp16", backend="triton",
+                                     reuse=False)
+    activations = forward.peak_bytes - forward.weights_bytes - forward.inputs_bytes
+    image = 3 * 2160 * 3840 * 2  # the engine also holds its frames' device images
+    assert activations <= stream <= activations + 6 * image, (stream, activations)
+    assert stream < 17e9
+
+
+def test_auto_tiling_on_cuda_uses_the_plan():
+    """tile="auto" for a CUDA device calibrates the formula with plan_stream: 4K fp16 of the
+    published model runs untiled on a 24 GB GPU (without feature reuse: a forward's 16.6
+    GB), where the formula alone, 1.29x too high for the Triton path, cut it into tiles;
+    with 40 GB the features are kept too. On a CPU, or without a backend, nothing changes.
+    (The budget is given: no GPU is needed.)"""
+    from film_fast.tiling import Tiling, choose_tiling
+    if not _triton_available():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    cuda = torch.device("cuda")
+
+    def auto(gb, **kw):
+        return choose_tiling("auto", Options(), 2160, 3840, device=cuda, dtype=torch.float16,
+                             batch=1, held=2, budget=int(gb * 1e9 * 0.85), **kw)
+    assert auto(24, backend="triton") == Tiling(None, False)
+    assert auto(24).tile is not None  # the formula alone
+    assert auto(40, backend="triton") == Tiling(None, True)
+    small = auto(12, backend="triton")
+    assert small.tile is not None and not small.reuse
+    cpu = choose_tiling("auto", SMALL, 256, 256, device="cpu", budget=1 << 20, backend="triton")
+    assert cpu == choose_tiling("auto", SMALL, 256, 256, device="cpu", budget=1 << 20)

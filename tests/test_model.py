@@ -226,3 +226,27 @@ def test_launch_counter_separates_allocations_and_sees_hidden_copies():
     counter = count_launches(fn)
     assert counter.total == 3, counter.by_op
     assert counter.allocations == 3, counter.allocations_by_op
+
+
+def test_interpolate_encoded_reads_a_joint_batch_in_place(small_model):
+    """Two frames encoded as one batch are decoded from that batch (a view, no copy of the
+    levels: what keeps the streaming engine without feature reuse at a forward's memory),
+    give the forward's frame, and leave the encoded features untouched; frames encoded
+    apart are concatenated."""
+    from film_fast.model import _pair_rows
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 64, 96, generator=g)
+    with torch.inference_mode():
+        enc = small_model.encode(x)
+        before = [lv.clone() for lv in enc.levels]
+        a, b = enc.rows(0, 1), enc.rows(1, 2)
+        joint = _pair_rows(a.levels[0], b.levels[0])
+        assert joint.data_ptr() == enc.levels[0].data_ptr() and torch.equal(joint, enc.levels[0])
+        out = small_model.interpolate_encoded(a, b, 0.5)
+        assert torch.equal(out, small_model(x[:1], x[1:], 0.5))
+        assert all(torch.equal(lv, old) for lv, old in zip(enc.levels, before))
+        apart = _pair_rows(b.levels[0], a.levels[0])  # wrong order: a copy
+        assert apart.data_ptr() != enc.levels[0].data_ptr()
+        assert torch.equal(apart, torch.cat([b.levels[0], a.levels[0]]))
+        other = small_model.encode(x[1:])
+        assert torch.equal(small_model.interpolate_encoded(a, other, 0.5), out)

@@ -262,7 +262,7 @@ def test_capture_arena_slices_are_never_reused(monkeypatch):
     the graph (a replay re-reads them): never handed out twice, a fresh arena once one is
     half used (outside a capture), a clear error inside a capture without one. Pinned memory
     needs CUDA, so the arena is pageable here; the bookkeeping is what is tested."""
-    from kernels.triton.conv2d import _CaptureArenas
+    from film_fast.kernels.triton.conv2d import _CaptureArenas
     arenas = _CaptureArenas()
     monkeypatch.setattr(arenas, "ENTRIES", 64)
     monkeypatch.setattr(arenas, "_new_arena", lambda: torch.full((64,), -1, dtype=torch.int64))
