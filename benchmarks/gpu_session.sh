@@ -21,8 +21,8 @@
 # Order (why): 1 the headline goal (1080p fp16 against the port's fp16 TorchScript on the same GPU),
 # 2 frames/s, tensor-core fraction and peak memory at 1080p and 4K, 3 kernel and model parity on
 # the GPU (3a: peak memory against the dry-run prediction; 3b: fp16/bf16 accuracy against fp32),
-# 4 the per-op kernel table (with both buffer layouts' conv2d_levels rows), 5 the other dtypes
-# and backends.
+# 4 the per-op kernel table (with both buffer layouts' conv2d_levels rows), 4a the streaming
+# engine with and without overlapped transfers, 5 the other dtypes and backends.
 # The GPU machine has torch/triton/cupy but no network: film_fast is installed without dependencies.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -116,6 +116,11 @@ step "dtype accuracy" 90 python benchmarks/dtype_accuracy.py --device cuda \
 # 4. Per-op kernel table, fp16 at 1080p, forward.
 step "kernels fp16 1080p" 90 film-fast bench --kernels --device cuda --dtype fp16 --resolutions 1080p \
   --json "$OUT/kernels-gpu-fp16-fwd.json"
+
+# 4a. The streaming engine with overlapped transfers (pinned uint8 uploads, delayed delivery)
+# against the blocking copies, interleaved: output frames/s at 1080p fp16.
+step "stream overlap fp16 1080p" 90 python benchmarks/stream_overlap.py --device cuda \
+  --size 1920x1080 --dtype fp16 --frames 10 --rounds 3 --json "$OUT/stream-overlap-gpu-fp16.json"
 
 # 5. The rest while time remains.
 for spec in "bf16 auto" "fp32 auto" "fp16 triton" "fp16 cupy"; do

@@ -35,6 +35,7 @@ device (:func:`film_fast.memory_plan.dry_run`), so a new sync is caught without 
 from __future__ import annotations
 
 import collections
+import os
 import traceback
 from typing import Any, Iterable, Iterator, List, Optional, Tuple
 
@@ -42,6 +43,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .imageio import uint8_pixels
+
+#: ``FILM_FAST_TRANSFER_OVERLAP=0`` turns the overlap off: every copy is the plain blocking one
+#: (what the engine did before; ``benchmarks/stream_overlap.py`` compares the two).
+OVERLAP_ENV = "FILM_FAST_TRANSFER_OVERLAP"
 
 # How many output items deliver() queues before it waits for a pending frame: the engine
 # emits a generated frame and its pair's first frame (2 items per pair at factor 2), so 3
@@ -139,7 +144,7 @@ class Transfers:
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = torch.device(device), dtype
-        self.cuda = self.device.type == "cuda"
+        self.cuda = self.device.type == "cuda" and os.environ.get(OVERLAP_ENV, "1") != "0"
         if self.cuda:
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())

@@ -284,3 +284,32 @@ def test_capture_arena_slices_are_never_reused(monkeypatch):
         arenas.upload(rows, cpu)
     with pytest.raises(RuntimeError, match="eager call"):
         arenas.upload(rows, cpu)  # full: refused rather than overwriting a slice
+
+
+def test_stream_overlap_benchmark_on_cpu(tmp_path, capsys, monkeypatch):
+    """benchmarks/stream_overlap.py (step 4a of gpu_session.sh) runs end to end; on a CPU both
+    modes are the same code, and it restores the switch it flips."""
+    import importlib.util
+    import json
+    import os
+    from film_fast import transfer
+    monkeypatch.delenv(transfer.OVERLAP_ENV, raising=False)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "stream_overlap.py")
+    spec = importlib.util.spec_from_file_location("stream_overlap", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "overlap.json"
+    assert script.main(["--device", "cpu", "--size", "64x32", "--frames", "3", "--rounds", "1",
+                        "--dtype", "fp32", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["output_frames"] == 5 and report["speedup"] > 0
+    assert len(report["seconds"]["blocking"]) == len(report["seconds"]["overlapped"]) == 1
+    assert "frames/s" in capsys.readouterr().out
+    assert transfer.OVERLAP_ENV not in os.environ
+
+
+def test_overlap_switch_turns_the_cuda_path_off(monkeypatch):
+    from film_fast import transfer
+    monkeypatch.setenv(transfer.OVERLAP_ENV, "0")
+    assert Transfers(torch.device("cuda"), torch.float16).cuda is False  # (no CUDA call made)
