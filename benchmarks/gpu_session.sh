@@ -120,7 +120,8 @@ step "kernels fp16 1080p" 90 film-fast bench --kernels --device cuda --dtype fp1
 # 4a. The streaming engine with overlapped transfers (pinned uint8 uploads, delayed delivery)
 # against the blocking copies, interleaved: output frames/s at 1080p fp16.
 step "stream overlap fp16 1080p" 90 python benchmarks/stream_overlap.py --device cuda \
-  --size 1920x1080 --dtype fp16 --frames 10 --rounds 3 --json "$OUT/stream-overlap-gpu-fp16.json"
+  --size 1920x1080 --dtype fp16 --frames 10 --rounds 3 --cuda-graphs \
+  --json "$OUT/stream-overlap-gpu-fp16.json"
 
 # 5. The rest while time remains.
 for spec in "bf16 auto" "fp32 auto" "fp16 triton" "fp16 cupy"; do

@@ -11,7 +11,7 @@ them on its read-ahead thread (float32 for the blocking mode, pinned uint8 for t
 overlapped one)::
 
     python benchmarks/stream_overlap.py [--device cuda] [--size 1920x1080] [--frames 10]
-        [--dtype fp16] [--backend auto] [--rounds 3] [--json OUT]
+        [--dtype fp16] [--backend auto] [--rounds 3] [--cuda-graphs] [--json OUT]
 
 On a CPU both modes are the same code (there are no copies to overlap).
 """
@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import film_fast  # noqa: E402
 from film_fast import benchmark, transfer  # noqa: E402
 from film_fast.api import resolve_dtype  # noqa: E402
+from film_fast.cuda_graphs import CUDAGraphEncoded  # noqa: E402
 from film_fast.stream import prepare_frame  # noqa: E402
 
 
@@ -41,13 +42,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_once(model, frames, device, overlap: bool) -> float:
+MODES = {"blocking": (False, False), "overlapped": (True, False),
+         "overlapped+graphs": (True, True)}  # name: (overlapped transfers, CUDA graphs)
+
+
+def run_once(model, frames, device, overlap: bool, graphs=False) -> float:
     """Seconds for the whole stream (every output frame on the host)."""
     os.environ[transfer.OVERLAP_ENV] = "1" if overlap else "0"
     prepared = [prepare_frame(f, pin=overlap and device.type == "cuda") for f in frames]
     _sync(device)
     t0 = time.perf_counter()
-    for _ in film_fast.interpolate(model, prepared, times_to_interpolate=1, tile="off"):
+    for _ in film_fast.interpolate(model, prepared, times_to_interpolate=1, tile="off",
+                                   cuda_graphs=graphs):
         pass
     _sync(device)
     return time.perf_counter() - t0
@@ -61,6 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp16")
     p.add_argument("--backend", default="auto")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time the overlapped engine with CUDA-graph replay (CUDA only; "
+                        "the graphs are captured during the warm-up)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -74,14 +83,23 @@ def main(argv=None) -> int:
     frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(args.frames)]
     outputs = 2 * args.frames - 1
     saved = os.environ.get(transfer.OVERLAP_ENV)
-    times = {"blocking": [], "overlapped": []}
+    modes = [m for m in MODES if device.type == "cuda" or not MODES[m][1]]
+    if not args.cuda_graphs:
+        modes = [m for m in modes if not MODES[m][1]]
+    times = {m: [] for m in modes}
+    # One set of graphs for every run: captured during the warm-up, only replayed when timed.
+    graphs = CUDAGraphEncoded(model) if "overlapped+graphs" in modes else None
+
+    def run(mode: str, clip) -> float:
+        overlap, graphed = MODES[mode]
+        return run_once(model, clip, device, overlap, graphs if graphed else False)
     try:
-        for overlap in (False, True):  # warm-up: kernels, caches, pinned blocks
-            run_once(model, frames[:3], device, overlap)
+        for mode in modes:  # warm-up: kernels, caches, pinned blocks, graph captures
+            run(mode, frames[:3])
+            run(mode, frames[:4])  # (the steady-state chunk shapes after the first)
         for _ in range(args.rounds):
-            for overlap in (False, True):
-                key = "overlapped" if overlap else "blocking"
-                times[key].append(run_once(model, frames, device, overlap))
+            for mode in modes:
+                times[mode].append(run(mode, frames))
     finally:
         if saved is None:
             os.environ.pop(transfer.OVERLAP_ENV, None)
@@ -102,6 +120,7 @@ def main(argv=None) -> int:
         "versions": benchmark.versions(), "size": f"{width}x{height}", "dtype": args.dtype,
         "backend": args.backend, "input_frames": args.frames, "output_frames": outputs,
         "seconds": times,
+        "fps": {m: outputs / med[m] for m in modes},
         "fps_blocking": outputs / med["blocking"], "fps_overlapped": outputs / med["overlapped"],
         "speedup": med["blocking"] / med["overlapped"],
         "forward_ms": forward_s * 1e3,
@@ -109,9 +128,9 @@ def main(argv=None) -> int:
                 "one encode per input frame; forward_ms is FILM.forward (encode of both frames "
                 "included) for reference",
     }
-    print(f"{result['device']}: {args.size} {args.dtype}, {outputs} output frames: blocking "
-          f"{result['fps_blocking']:.2f} frames/s, overlapped {result['fps_overlapped']:.2f} "
-          f"frames/s, {result['speedup']:.3f}x; FILM.forward {forward_s * 1e3:.1f} ms")
+    rates = ", ".join(f"{m} {outputs / med[m]:.2f} frames/s" for m in modes)
+    print(f"{result['device']}: {args.size} {args.dtype}, {outputs} output frames: {rates}; "
+          f"overlapped/blocking {result['speedup']:.3f}x; FILM.forward {forward_s * 1e3:.1f} ms")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

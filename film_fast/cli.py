@@ -354,6 +354,7 @@ def _interpolate_sequence(args: argparse.Namespace, paths: List[str], model=None
     dtype = resolve_dtype(args.dtype)
     device = _check_device(args.device)
     _check_backend(args.backend, device)
+    _check_cuda_graphs(args, device)
     mode, value = resolve_schedule(args.times_to_interpolate, args.num_frames)
     if len(paths) < 2:
         raise InputError("need at least 2 frames to interpolate")
@@ -385,7 +386,8 @@ def _interpolate_sequence(args: argparse.Namespace, paths: List[str], model=None
         stream = interpolate_stream(model, frames, times_to_interpolate=args.times_to_interpolate,
                                     num_frames=args.num_frames, batch_size=args.batch_size,
                                     scene_threshold=threshold,
-                                    tile="auto" if args.tile is None else args.tile)
+                                    tile="auto" if args.tile is None else args.tile,
+                                    cuda_graphs=getattr(args, "cuda_graphs", False))
         written = 0
         for index, frame in enumerate(stream):
             write_image(os.path.join(folder, f"frame_{index:0{digits}d}.png"), frame)
@@ -422,6 +424,7 @@ def _interpolate_two(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype)
     device = _check_device(args.device)
     _check_backend(args.backend, device)
+    _check_cuda_graphs(args, device)
     resolve_schedule(args.times_to_interpolate, args.num_frames)
     frame0 = read_image(args.frame0)
     frame1 = read_image(args.frame1)
@@ -435,6 +438,8 @@ def _interpolate_two(args: argparse.Namespace) -> int:
     model = load(args.model, device=device, dtype=dtype, backend=args.backend,
                  pyramid_levels=args.pyramid_levels, padding=args.padding,
                  ensemble=args.ensemble)
+    if isinstance(model, FILM) and getattr(args, "cuda_graphs", False):
+        return _interpolate_sequence(args, [args.frame0, args.frame1], model=model)
     if isinstance(model, FILM):
         # Too large for memory as one frame: the streaming engine tiles it.
         from .tiling import choose_tiling
@@ -821,6 +826,14 @@ def _add_sequence_options(p: argparse.ArgumentParser, tile_default) -> None:
                         "default); off; or N-pixel tiles (overlap N/4)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=1, metavar="B",
                    help="model calls per forward (pairs run together; helps on GPUs)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the model's calls from CUDA graphs (a CUDA device; all frames "
+                        "have one size, so each call shape is captured once)")
+
+
+def _check_cuda_graphs(args: argparse.Namespace, device: torch.device) -> None:
+    if getattr(args, "cuda_graphs", False) and device.type != "cuda":
+        raise InputError(f"--cuda-graphs needs a CUDA device, got --device {device}")
 
 
 def _cmd_video(args: argparse.Namespace) -> int:

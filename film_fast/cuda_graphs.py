@@ -142,3 +142,110 @@ def maybe_graphed(model, enabled: Optional[bool]):
     if enabled is None:
         enabled = model.device.type == "cuda"
     return CUDAGraphFILM(model) if enabled else model
+
+
+class CUDAGraphEncoded:
+    """``FILM.encode`` and ``FILM.interpolate_encoded`` replayed from CUDA graphs: the two
+    calls the streaming engine makes (``film_fast.interpolate(..., cuda_graphs=True)``,
+    ``film-fast video --cuda-graphs``). A video has one frame size, so after the first pairs
+    every call replays a captured graph: one launch instead of ~100 kernel launches and the
+    Python around them.
+
+    One graph per input shape for each call (``max_graphs`` of each, least recently used
+    dropped): the engine encodes ``batch + 1`` frames in its first chunk and ``batch`` later,
+    and may interpolate fewer pairs in its last chunk. The two kinds capture into separate
+    memory pools (the engine interleaves them in no fixed order).
+
+    What replay costs besides the kernels: the features :meth:`encode` returns are copied out
+    of the graph's static outputs (they must outlive the next replay: the engine keeps them
+    for the next pair), and :meth:`interpolate_encoded` copies its two encoded batches into
+    the graph's static inputs, which the eager call does too unless both came from one encode
+    (its concatenation). Memory: each pool holds its graph's peak for as long as the wrapper
+    lives, on top of the static inputs and outputs.
+
+    Args:
+        model: a :class:`film_fast.FILM` on a CUDA device, in eval mode.
+        warmup: eager runs before each capture (Triton compilation, cached weights and tables).
+        max_graphs: shapes kept per call.
+        capture_fn: replaces :func:`capture` (tests emulate capture and replay on a CPU).
+    """
+
+    def __init__(self, model, *, warmup: int = 2, max_graphs: int = 4,
+                 capture_fn: Optional[Callable] = None) -> None:
+        if capture_fn is None and model.device.type != "cuda":
+            raise CUDAGraphError(f"CUDA graphs need the model on a CUDA device, it is on "
+                                 f"{model.device}")
+        if model.training:
+            raise CUDAGraphError("CUDAGraphEncoded replays inference only; call model.eval() "
+                                 "first")
+        self.model = model
+        self.warmup = warmup
+        self.max_graphs = max(1, int(max_graphs))
+        self._capture = capture_fn if capture_fn is not None else capture
+        self._encoders: "OrderedDict[tuple, _Captured]" = OrderedDict()
+        self._decoders: "OrderedDict[tuple, _Captured]" = OrderedDict()
+        cuda = model.device.type == "cuda"
+        self._pools = ((torch.cuda.graph_pool_handle(), torch.cuda.graph_pool_handle())
+                       if cuda else (None, None))
+        self.captures = 0
+
+    def _entry(self, table: "OrderedDict[tuple, _Captured]", key: tuple, fn, example,
+               pool) -> _Captured:
+        entry = table.get(key)
+        if entry is None:
+            entry = self._capture(fn, example, warmup=self.warmup, pool=pool)
+            table[key] = entry
+            self.captures += 1
+            while len(table) > self.max_graphs:
+                table.popitem(last=False)
+        else:
+            table.move_to_end(key)
+        return entry
+
+    def _check_mode(self) -> None:
+        if torch.is_grad_enabled():
+            raise CUDAGraphError("CUDA graph replay is for inference: call it under "
+                                 "torch.inference_mode() or torch.no_grad()")
+
+    def encode(self, frames: torch.Tensor):
+        """Same contract as ``FILM.encode``; the features are the caller's own tensors."""
+        from .model import FrameFeatures
+        self._check_mode()
+        model = self.model
+        if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[1] != 3:
+            return model.encode(frames)  # (raises the model's error)
+        x = frames.to(device=model.device, dtype=model.dtype)
+        key = (tuple(x.shape), x.dtype, model.ensemble)
+        entry = self._entry(self._encoders, key, model.encode, (x,), self._pools[0])
+        entry.inputs[0].copy_(x)
+        entry.graph.replay()
+        out = entry.output
+        return FrameFeatures([lv.clone() for lv in out.levels], out.pads, out.size,
+                             out.variants)
+
+    def interpolate_encoded(self, f0, f1, batch_dt=0.5) -> torch.Tensor:
+        """Same contract as ``FILM.interpolate_encoded``."""
+        from .model import _pair_rows
+        self._check_mode()
+        model = self.model
+        model.check_encoded_pair(f0, f1)
+        dt = model._check_time(batch_dt, f0.frames)
+        rows = f0.levels[0].shape[0]
+        n, k, pads = f0.frames, f0.variants, f0.pads
+        key = (tuple(tuple(lv.shape) for lv in f0.levels), f0.levels[0].dtype, pads, k)
+
+        def decode(*tensors: torch.Tensor) -> torch.Tensor:
+            return model.decode_pairs(list(tensors[:-1]), pads, n, k, tensors[-1])
+
+        entry = self._decoders.get(key)
+        if entry is None:
+            example = [_pair_rows(a, b) for a, b in zip(f0.levels, f1.levels)] + [dt]
+            entry = self._entry(self._decoders, key, decode, example, self._pools[1])
+        else:
+            self._decoders.move_to_end(key)
+        for static, a, b in zip(entry.inputs[:-1], f0.levels, f1.levels):
+            static[:rows].copy_(a)
+            static[rows:].copy_(b)
+        entry.inputs[-1].copy_(dt)
+        entry.graph.replay()
+        return entry.output.clone()

@@ -293,18 +293,31 @@ class FILM(nn.Module):
     def interpolate_encoded(self, f0: FrameFeatures, f1: FrameFeatures,
                             batch_dt: TimeLike = 0.5) -> torch.Tensor:
         """The frame at ``batch_dt`` between two encoded batches (same N and size): ``[N, 3, H, W]``."""
+        self.check_encoded_pair(f0, f1)
+        dt = self._check_time(batch_dt, f0.frames)
+        levels = [_pair_rows(a, b) for a, b in zip(f0.levels, f1.levels)]
+        return self.decode_pairs(levels, f0.pads, f0.frames, f0.variants, dt)
+
+    @staticmethod
+    def check_encoded_pair(f0: FrameFeatures, f1: FrameFeatures) -> None:
+        """Raises ValueError unless two encoded batches can be interpolated together."""
         if f0.variants != f1.variants:
             raise ValueError(f"encoded frames differ in flip variants: {f0.variants} vs "
                              f"{f1.variants} (encode both with the same ensemble)")
         if f0.size != f1.size or f0.levels[0].shape != f1.levels[0].shape:
             raise ValueError(f"encoded frames differ in size or count: {f0.size} x {f0.frames} "
                              f"vs {f1.size} x {f1.frames}")
-        k = f0.variants
-        dt = self._check_time(batch_dt, f0.frames)
-        levels = [_pair_rows(a, b) for a, b in zip(f0.levels, f1.levels)]
+
+    def decode_pairs(self, levels: List[torch.Tensor], pads, frames: int, variants: int,
+                     dt: torch.Tensor) -> torch.Tensor:
+        """:meth:`interpolate_encoded` from joint level buffers ``[2 N k, ...]`` (rows: the
+        ``N`` first frames' ``k`` variants each, then the second frames') and a float32 device
+        ``dt [N]``: ``[N, 3, H, W]``. The part a CUDA graph replays
+        (:class:`film_fast.cuda_graphs.CUDAGraphEncoded`)."""
+        k = variants
         if k == 1:
-            return self._decode(levels, f0.pads, f0.frames, dt, debug=False)["image"]
-        image = self._decode(levels, f0.pads, f0.frames * k, dt.repeat_interleave(k),
+            return self._decode(levels, pads, frames, dt, debug=False)["image"]
+        image = self._decode(levels, pads, frames * k, dt.repeat_interleave(k),
                              debug=False)["image"]
         return merge_variants(image, k)
 

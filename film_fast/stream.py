@@ -21,6 +21,7 @@ output sequence in order, so memory does not grow with the length of the input.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import (Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence,
                     Tuple, Union)
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cuda_graphs import CUDAGraphEncoded, CUDAGraphError
 from .errors import InputError
 from .interpolation import (_check_k, _check_n, _device_dtype, even_steps, recursive_steps,
                             resolve_schedule)
@@ -319,10 +321,11 @@ class _Runner:
     """Encodes frames and runs interpolation calls, full frame or tiled."""
 
     def __init__(self, model, height: int, width: int, tiling: Tiling,
-                 transfers: Transfers) -> None:
+                 transfers: Transfers, graphs=None) -> None:
         self.model = model
         self.device, self.dtype = _device_dtype(model)
         self.transfers = transfers
+        self.graphs = graphs  # a cuda_graphs.CUDAGraphEncoded, or None: eager calls
         self.grid = make_grid(height, width, tiling.tile)
         self.reuse = tiling.reuse
         self.weights = None if self.grid.full_frame else self.grid.weights(self.device)
@@ -336,8 +339,29 @@ class _Runner:
         per_tile = []
         with torch.inference_mode():
             for y0, y1, x0, x1 in self.grid.boxes:
-                per_tile.append(_split(self.model.encode(batch[:, :, y0:y1, x0:x1])))
+                per_tile.append(_split(self._encode(batch[:, :, y0:y1, x0:x1])))
         return [[per_tile[t][i] for t in range(len(per_tile))] for i in range(len(images))]
+
+    def _encode(self, frames: torch.Tensor) -> FrameFeatures:
+        if self.graphs is not None:
+            try:
+                return self.graphs.encode(frames)
+            except CUDAGraphError as e:
+                self._drop_graphs(e)
+        return self.model.encode(frames)
+
+    def _interpolate(self, fa: FrameFeatures, fb: FrameFeatures, dt) -> torch.Tensor:
+        if self.graphs is not None:
+            try:
+                return self.graphs.interpolate_encoded(fa, fb, dt)
+            except CUDAGraphError as e:
+                self._drop_graphs(e)
+        return self.model.interpolate_encoded(fa, fb, dt)
+
+    def _drop_graphs(self, error: Exception) -> None:
+        warnings.warn(f"film_fast: CUDA graphs are off for this run: {error}", RuntimeWarning,
+                      stacklevel=4)
+        self.graphs = None
 
     def call(self, a: Sequence[_Node], b: Sequence[_Node], dts: Sequence[float]) -> torch.Tensor:
         """``[N, 3, H, W]``: the frame at ``dts[i]`` between ``a[i]`` and ``b[i]``."""
@@ -353,9 +377,9 @@ class _Runner:
                     fb = _gather([n.feats[t] for n in b])
                 else:  # both ends' tiles encoded together, as FILM.forward does
                     crops = torch.stack([n.image[:, y0:y1, x0:x1] for n in list(a) + list(b)])
-                    enc = self.model.encode(crops)
+                    enc = self._encode(crops)
                     fa, fb = enc.rows(0, count), enc.rows(count, 2 * count)
-                outputs.append(self.model.interpolate_encoded(fa, fb, dt))
+                outputs.append(self._interpolate(fa, fb, dt))
             if self.grid.full_frame:
                 return outputs[0]
             return blend_tiles(outputs, self.grid, self.weights)
@@ -374,7 +398,9 @@ def run_stream(model, frames: Iterable[FrameLike], plan_for: Callable[[int], Pai
                tail_for: Callable[[int], Sequence[Any]] = lambda n: (None,),
                select: Optional[Callable[[int, List[Any]], bool]] = None,
                on_start: Optional[Callable[[Tiling, int, int], None]] = None,
-               budget: Optional[int] = None) -> Iterator[Tuple[Any, FrameLike]]:
+               budget: Optional[int] = None,
+               cuda_graphs: Union[bool, CUDAGraphEncoded] = False
+               ) -> Iterator[Tuple[Any, FrameLike]]:
     """The engine behind :func:`interpolate`: yields ``(tag, frame)`` in output order.
 
     On a CUDA GPU the frames move with :class:`film_fast.transfer.Transfers`: inputs are
@@ -392,15 +418,30 @@ def run_stream(model, frames: Iterable[FrameLike], plan_for: Callable[[int], Pai
             on the last chunk. Chunks start at multiples of ``batch_size``.
         tile: as :func:`interpolate`, or a resolved :class:`~film_fast.tiling.Tiling`.
         on_start: called with the resolved tiling and the frame size.
+        cuda_graphs: replay the model's calls from CUDA graphs
+            (:class:`film_fast.cuda_graphs.CUDAGraphEncoded`); a model on a CUDA device only.
+            If a capture fails, the run warns and goes on without them. A
+            ``CUDAGraphEncoded`` of the model is used as given (its graphs serve several runs).
     Raises:
         InputError: fewer than 2 frames, a frame of another size or kind, a bad frame.
     """
+    if isinstance(cuda_graphs, CUDAGraphEncoded):
+        if cuda_graphs.model is not model:
+            raise ValueError("cuda_graphs: that CUDAGraphEncoded wraps another model")
+        graphs = cuda_graphs
+    elif cuda_graphs:
+        if _device_dtype(model)[0].type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on "
+                             f"{_device_dtype(model)[0]}")
+        graphs = CUDAGraphEncoded(model)
+    else:
+        graphs = None
     return deliver(_stream_items(model, frames, plan_for, batch_size, scene_threshold, tile,
-                                 tail_for, select, on_start, budget))
+                                 tail_for, select, on_start, budget, graphs))
 
 
 def _stream_items(model, frames, plan_for, batch_size, scene_threshold, tile, tail_for, select,
-                  on_start, budget):
+                  on_start, budget, graphs=None):
     """run_stream's items, generated frames possibly still pending (transfer.PendingFrame)."""
     it = iter(frames)
     first_obj = next(it, None)
@@ -439,7 +480,7 @@ def _stream_items(model, frames, plan_for, batch_size, scene_threshold, tile, ta
                                backend=getattr(model, "backend", None), ensemble=k)
     if on_start is not None:
         on_start(tiling, height, width)
-    runner = _Runner(model, height, width, tiling, transfers)
+    runner = _Runner(model, height, width, tiling, transfers, graphs)
     passthrough = (lambda f: f.orig)
 
     def out_generated(image: torch.Tensor):
@@ -580,7 +621,8 @@ def interpolate(model, frames: Iterable[FrameLike], *, times_to_interpolate: Opt
                 num_frames: Optional[int] = None, times: Optional[Sequence[float]] = None,
                 batch_size: int = 1, scene_threshold: Optional[float] = None,
                 tile: Union[None, str, int] = "auto",
-                clamp_between: Optional[bool] = None) -> Iterator[FrameLike]:
+                clamp_between: Optional[bool] = None,
+                cuda_graphs=False) -> Iterator[FrameLike]:
     """Interpolates a whole sequence, streaming: yields every output frame in order.
 
     Args:
@@ -601,6 +643,10 @@ def interpolate(model, frames: Iterable[FrameLike], *, times_to_interpolate: Opt
             None (full frame), or a tile size in pixels (overlap = size / 4).
         clamp_between: clamp generated frames before they are reused as end
             points; None = as each scheme's reference (see :mod:`film_fast.interpolation`).
+        cuda_graphs: replay the model's calls from CUDA graphs (one frame size: a graph per
+            call shape is captured once); needs a model on a CUDA device. Pass a
+            :class:`film_fast.cuda_graphs.CUDAGraphEncoded` of the model to keep its graphs
+            across calls.
     Yields:
         The input frames (as given; tensors as float32 CPU) and the new frames
         between them, in time order: ``(n - 1) * (M + 1) + 1`` frames with M new
@@ -640,5 +686,6 @@ def interpolate(model, frames: Iterable[FrameLike], *, times_to_interpolate: Opt
     if tile is not None and not isinstance(tile, (str, int)):
         raise ValueError(f"tile must be 'auto', 'off', None or an int, got {tile!r}")
     stream = run_stream(model, frames, lambda i: plan, batch_size=batch_size,
-                        scene_threshold=scene_threshold or None, tile=tile)
+                        scene_threshold=scene_threshold or None, tile=tile,
+                        cuda_graphs=cuda_graphs)
     return (frame for _, frame in stream)

@@ -972,6 +972,8 @@ def run(args, *, load_model, check_device, check_backend, resolve_dtype) -> int:
         device_name = f"cuda:{dist_env.local_rank}"
     device = check_device(device_name)
     check_backend(args.backend, device)
+    if getattr(args, "cuda_graphs", False) and device.type != "cuda":
+        raise InputError(f"--cuda-graphs needs a CUDA device, got --device {device}")
     info = probe(args.input)
     out_abs, work, fmt = _preflight(args, info)
     if args.codec:
@@ -1135,7 +1137,8 @@ def _run_job(args, dist_env: Dist, info: VideoInfo, out_abs: str, work: str, fmt
                                prepare=lambda p: prepare_frame(p, thumb=bool(threshold), pin=pin))
         stream = run_stream(model, frames, plan_for, batch_size=batch,
                             scene_threshold=threshold or None, tile=tiling,
-                            tail_for=tail_for, select=select)
+                            tail_for=tail_for, select=select,
+                            cuda_graphs=getattr(args, "cuda_graphs", False))
         for k, pixels in stream:
             if os.path.exists(os.path.join(frames_dir, _frame_name(k))):
                 continue
