@@ -161,6 +161,11 @@ def test_cuda_graphs_option_needs_a_cuda_model(small_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--cuda-graphs needs a CUDA device" in err
     assert not (tmp_path / "out").exists()
+    pytest.importorskip("av")
+    code = cli.main(["video", str(tmp_path / "in.mp4"), "-o", str(tmp_path / "out.mp4"),
+                     "--factor", "2", "--device", "cpu", "--cuda-graphs"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--cuda-graphs needs a CUDA device" in err
 
 
 @needs_cuda
