@@ -584,20 +584,28 @@ def _cmd_bench_memory_plan(args: argparse.Namespace) -> int:
     options = _bench_options(args.config)
     sizes = args.sizes or _sizes(",".join(memory_plan.DEFAULT_SIZES))
     plans = [memory_plan.plan(options, h, w, dtype=dtype, backend=backend) for w, h in sizes]
+    # The streaming engine (film-fast video, factor 2, batch 1), weights included: what tile=auto
+    # plans with on a GPU.
+    streams = [tuple(p.weights_bytes + memory_plan.plan_stream(
+        options, p.height, p.width, dtype=dtype, backend=backend, held=2, reuse=reuse)
+        for reuse in (True, False)) for p in plans]
     limit = int(args.device_memory * 1e9)
     if not args.quiet:
         print(f"{PROG} bench --memory-plan: {args.config} config, {_dtype_name(dtype)}, backend "
               f"{backend}, batch 1; predicted torch.cuda.max_memory_allocated from a dry run on "
               f"the meta device (no GPU used; CUDA context and cuDNN/cuBLAS workspaces not "
-              f"included)")
-    print(memory_plan.format_table(plans, limit))
+              f"included); 'video': the streaming engine at factor 2 with and without "
+              f"feature reuse")
+    print(memory_plan.format_table(plans, limit, streams))
     report = {"date": benchmark.report_header(torch.device("cpu"), dtype, backend, args.config,
                                               options, 0.0)["date"],
               "commit": benchmark.git_commit(), "versions": benchmark.versions(),
               "kind": "memory plan (dry run on the meta device, no GPU)", "config": args.config,
               "options": options.to_dict(), "dtype": _dtype_name(dtype), "backend": backend,
               "device_memory_bytes": limit,
-              "plans": [dict(p.to_dict(), fits=p.required_bytes <= limit) for p in plans]}
+              "plans": [dict(p.to_dict(), fits=p.required_bytes <= limit,
+                             video_reuse_bytes=s[0], video_no_reuse_bytes=s[1])
+                        for p, s in zip(plans, streams)]}
     _save_bench_report(report, args, f"memory-plan-{_dtype_name(dtype)}-{backend}")
     return 0
 

@@ -429,17 +429,24 @@ def gpu_graph_on_cpu(backend: str):
             setattr(owner, name, value)
 
 
-def format_table(plans: Sequence[MemoryPlan], device_bytes: Optional[int] = None) -> str:
+def format_table(plans: Sequence[MemoryPlan], device_bytes: Optional[int] = None,
+                 streams: Optional[Sequence[Tuple[int, int]]] = None) -> str:
+    """The ``bench --memory-plan`` table. ``streams``: per plan, the streaming engine's peak
+    (:func:`plan_stream`, weights added) with and without feature reuse, as two columns."""
     columns = ["size", "dtype", "backend", "weights", "caches", "activations", "peak",
                "warm peak", "launches"]
+    if streams:
+        columns += ["video, reuse", "video, no reuse"]
     if device_bytes:
         columns.append(f"fits {device_bytes / 1e9:g} GB")
     rows = []
-    for p in plans:
+    for i, p in enumerate(plans):
         row = [f"{p.width}x{p.height}", p.dtype, p.backend, f"{p.weights_bytes / 2**20:.0f} MiB",
                f"{p.cache_bytes / 2**20:.0f} MiB", f"{p.activation_bytes / 2**30:.2f} GiB",
                f"{p.peak_bytes / 2**30:.2f} GiB", f"{p.warm_peak_bytes / 2**30:.2f} GiB",
                str(p.launches) if p.backend == "triton" else "-"]
+        if streams:
+            row += [f"{b / 2**30:.2f} GiB" for b in streams[i]]
         if device_bytes:
             row.append("yes" if p.required_bytes <= device_bytes else "NO")
         rows.append(row)

@@ -183,6 +183,10 @@ def test_bench_memory_plan_cli(tmp_path, capsys):
         Options(**cli.SMALL_OPTIONS), 64, 64, dtype="fp32", backend="torch").peak_bytes
     assert first["fits"] is (first["required_bytes"] <= 1e6) and not first["fits"]
     assert first["at_peak"] and "MiB" in first["at_peak"][0]
+    assert "video, reuse" in out
+    assert first["video_reuse_bytes"] == first["weights_bytes"] + memory_plan.plan_stream(
+        Options(**cli.SMALL_OPTIONS), 64, 64, dtype="fp32", backend="torch", held=2)
+    assert first["video_reuse_bytes"] > first["video_no_reuse_bytes"] > first["weights_bytes"]
 
 
 @pytest.mark.parametrize("argv,message", [
