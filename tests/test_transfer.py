@@ -313,3 +313,39 @@ def test_overlap_switch_turns_the_cuda_path_off(monkeypatch):
     from film_fast import transfer
     monkeypatch.setenv(transfer.OVERLAP_ENV, "0")
     assert Transfers(torch.device("cuda"), torch.float16).cuda is False  # (no CUDA call made)
+
+
+def test_engine_delivers_each_generated_frame_after_the_next_call(small_model, monkeypatch):
+    """The real engine with downloads made pending (as on a GPU, emulated): the frames and
+    their order are those of the plain run, and every generated frame but the last is
+    resolved only after the engine has issued the next model call, i.e. its copy overlaps
+    that call."""
+    from film_fast import stream as stream_module
+    log = []
+
+    class PendingTransfers(Transfers):
+        def download(self, image, kind):
+            value = super().download(image, kind)
+            host = torch.from_numpy(value) if kind == "numpy" else value
+            name = len([e for e in log if e[0] == "made"])
+            log.append(("made", name))
+            return PendingFrame(host, _Event(log, name))
+
+    frames = clip("cafe", size=(64, 32))[:5]
+    plain = list(film_fast.interpolate(small_model, frames, times_to_interpolate=2))
+    monkeypatch.setattr(stream_module, "Transfers", PendingTransfers)
+    real_call = stream_module._Runner.call
+
+    def logged_call(self, *args, **kwargs):
+        log.append(("call",))
+        return real_call(self, *args, **kwargs)
+    monkeypatch.setattr(stream_module._Runner, "call", logged_call)
+    got = list(film_fast.interpolate(small_model, frames, times_to_interpolate=2))
+    assert len(got) == len(plain) == 17
+    for a, b in zip(got, plain):
+        np.testing.assert_array_equal(a, b)
+    made = [i for i, e in enumerate(log) if e[0] == "made"]
+    calls = [i for i, e in enumerate(log) if e[0] == "call"]
+    for k, at in enumerate(made[:-1]):
+        resolved = log.index(("resolve", k))
+        assert any(at < c < resolved for c in calls), (k, log)
