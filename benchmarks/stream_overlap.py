@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import sys
 import time
@@ -132,8 +133,7 @@ def main(argv=None) -> int:
     print(f"{result['device']}: {args.size} {args.dtype}, {outputs} output frames: {rates}; "
           f"overlapped/blocking {result['speedup']:.3f}x; FILM.forward {forward_s * 1e3:.1f} ms")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
