@@ -35,7 +35,7 @@ from .errors import InputError
 from .interpolation import (_check_k, _check_n, _device_dtype, even_steps, recursive_steps,
                             resolve_schedule)
 from .model import FrameFeatures
-from .tiling import Tiling, blend_tiles, choose_tiling, make_grid
+from .tiling import Tiling, blend_tiles, choose_tiling, make_grid, smaller_tiling
 from .transfer import Transfers, deliver, stage_pinned
 
 FrameLike = Union[torch.Tensor, np.ndarray]
@@ -486,6 +486,10 @@ def _stream_items(model, frames, plan_for, batch_size, scene_threshold, tile, ta
     def out_generated(image: torch.Tensor):
         return transfers.download(image, kind)
 
+    # tile="auto" is a prediction: if the first chunk runs out of device memory before it
+    # made anything, it is retried a step smaller (smaller_tiling) instead of failing.
+    retry_oom = not isinstance(tile, Tiling) and tile == "auto"
+    made = 0
     lookahead = [second]
     next_index = 2
     prev, prev_node = first, None
@@ -510,8 +514,31 @@ def _stream_items(model, frames, plan_for, batch_size, scene_threshold, tile, ta
             # the next chunk's first frame starts now, behind this chunk's compute.
             for frame in chunk + lookahead[:batch_size]:
                 transfers.start_upload(frame)
-            prev_node = yield from _run_chunk(runner, inputs, prev_node, plans, batch_size,
-                                              scene_threshold, passthrough, out_generated)
+            while True:
+                chunk_items = _run_chunk(runner, inputs, prev_node, plans, batch_size,
+                                         scene_threshold, passthrough, out_generated)
+                try:
+                    while True:
+                        item = next(chunk_items)
+                        made += 1
+                        yield item
+                except StopIteration as done:
+                    prev_node = done.value
+                    break
+                except torch.OutOfMemoryError as e:
+                    smaller = smaller_tiling(tiling, model.options, height, width)
+                    if not retry_oom or made or smaller is None:
+                        raise
+                    warnings.warn(f"film_fast: out of memory with {tiling.describe()} "
+                                  f"({' '.join(str(e).split())[:120]}); retrying with "
+                                  f"{smaller.describe()}", RuntimeWarning, stacklevel=2)
+                    del chunk_items, e
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    tiling = smaller
+                    runner = _Runner(model, height, width, tiling, transfers, runner.graphs)
+                    if on_start is not None:
+                        on_start(tiling, height, width)
             for tag in tail:
                 yield tag, passthrough(inputs[-1])
         else:

@@ -267,6 +267,19 @@ class Tiling:
         return where + ("" if self.reuse else " (features re-encoded per call)")
 
 
+def smaller_tiling(tiling: Tiling, options: Options, height: int,
+                   width: int) -> Optional[Tiling]:
+    """The next step down after running out of memory with ``tiling``: the same tiles
+    without feature reuse, then tiles of half the size (rounded up to the size multiple, at
+    least two of them); None when nothing smaller is left."""
+    if tiling.reuse:
+        return Tiling(tiling.tile, False)
+    m = options.size_multiple
+    current = tiling.tile if tiling.tile is not None else _padded(max(height, width), m)
+    size = round_tile(current // 2, options)
+    return Tiling(size, False) if size < current else None
+
+
 def _grid_fits(options, grid: TileGrid, *, dtype, batch, held, reuse, budget,
                device="cpu", scale: float = 1.0) -> bool:
     if reuse:

@@ -312,3 +312,61 @@ def test_auto_tiles_when_memory_is_short(small_model, monkeypatch):
     assert seen[0].tile is not None and seen[0].tile < 240
     forced = list(film_fast.interpolate(small_model, frames, tile=seen[0].tile))
     assert torch.equal(got[1], forced[1]) and not torch.equal(got[1], full)
+
+
+def test_auto_tiling_steps_down_when_the_first_chunk_runs_out_of_memory(small_model,
+                                                                        monkeypatch):
+    """tile="auto" is a prediction: an out-of-memory error in the first chunk, before any
+    frame was made, retries the chunk with the next smaller tiling (no feature reuse, then
+    half-size tiles), with a warning, and gives what that tiling gives. An explicit tile, or
+    an error after frames were made, is raised as it is."""
+    from film_fast import stream as stream_module
+    from film_fast.tiling import Tiling, smaller_tiling
+    frames = clip("cafe", size=(64, 32))[:3]
+    real_call = stream_module._Runner.call
+    calls = []
+
+    def oom_on_full_frames(self, a, b, dts):
+        calls.append(self.grid.full_frame)
+        if self.grid.full_frame:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real_call(self, a, b, dts)
+    monkeypatch.setattr(stream_module._Runner, "call", oom_on_full_frames)
+    with pytest.warns(RuntimeWarning, match="out of memory") as record:
+        got = list(film_fast.interpolate(small_model, frames, tile="auto"))
+    assert len(record) == 2  # full frame -> without reuse -> tiles
+    step = smaller_tiling(Tiling(None, False), small_model.options, 32, 64)
+    assert step is not None and step.tile is not None and not step.reuse
+    monkeypatch.setattr(stream_module._Runner, "call", real_call)
+    want = list(stream_module.run_stream(small_model, iter(frames),
+                                         lambda i: stream_module.uniform_plan(
+                                             stream_module.recursive_schedule(1),
+                                             [0, stream_module.grid_node(1, 2)]),
+                                         tile=step))
+    assert len(got) == len(want) == 5
+    for a, (_, b) in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    monkeypatch.setattr(stream_module._Runner, "call", oom_on_full_frames)
+    with pytest.raises(torch.OutOfMemoryError):
+        list(film_fast.interpolate(small_model, frames, tile="off"))
+
+    def oom_on_second_call(self, a, b, dts):
+        calls.append(None)
+        if len(calls) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real_call(self, a, b, dts)
+    calls.clear()
+    monkeypatch.setattr(stream_module._Runner, "call", oom_on_second_call)
+    with pytest.raises(torch.OutOfMemoryError):
+        list(film_fast.interpolate(small_model, frames, tile="auto"))
+
+
+def test_smaller_tiling_ladder():
+    from film_fast.tiling import Tiling, smaller_tiling
+    opts = film_fast.Options()  # size multiple 64
+    steps, t = [], Tiling(None, True)
+    while t is not None:
+        steps.append(t)
+        t = smaller_tiling(t, opts, 1080, 1920)
+    assert steps == [Tiling(None, True), Tiling(None, False), Tiling(960, False),
+                     Tiling(512, False), Tiling(256, False), Tiling(128, False)]
