@@ -189,11 +189,12 @@ class CUDAGraphEncoded:
                        if cuda else (None, None))
         self.captures = 0
 
-    def _entry(self, table: "OrderedDict[tuple, _Captured]", key: tuple, fn, example,
-               pool) -> _Captured:
+    def _entry(self, table: "OrderedDict[tuple, _Captured]", key: tuple, fn,
+               example: Callable[[], Sequence[torch.Tensor]], pool) -> _Captured:
+        """The graph of ``key``, captured from ``example()`` (built only then) on first use."""
         entry = table.get(key)
         if entry is None:
-            entry = self._capture(fn, example, warmup=self.warmup, pool=pool)
+            entry = self._capture(fn, example(), warmup=self.warmup, pool=pool)
             table[key] = entry
             self.captures += 1
             while len(table) > self.max_graphs:
@@ -216,7 +217,7 @@ class CUDAGraphEncoded:
             return model.encode(frames)  # (raises the model's error)
         x = frames.to(device=model.device, dtype=model.dtype)
         key = (tuple(x.shape), x.dtype, model.ensemble)
-        entry = self._entry(self._encoders, key, model.encode, (x,), self._pools[0])
+        entry = self._entry(self._encoders, key, model.encode, lambda: (x,), self._pools[0])
         entry.inputs[0].copy_(x)
         entry.graph.replay()
         out = entry.output
@@ -237,12 +238,9 @@ class CUDAGraphEncoded:
         def decode(*tensors: torch.Tensor) -> torch.Tensor:
             return model.decode_pairs(list(tensors[:-1]), pads, n, k, tensors[-1])
 
-        entry = self._decoders.get(key)
-        if entry is None:
-            example = [_pair_rows(a, b) for a, b in zip(f0.levels, f1.levels)] + [dt]
-            entry = self._entry(self._decoders, key, decode, example, self._pools[1])
-        else:
-            self._decoders.move_to_end(key)
+        entry = self._entry(self._decoders, key, decode,
+                            lambda: [_pair_rows(a, b) for a, b in zip(f0.levels, f1.levels)]
+                            + [dt], self._pools[1])
         for static, a, b in zip(entry.inputs[:-1], f0.levels, f1.levels):
             static[:rows].copy_(a)
             static[rows:].copy_(b)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import weakref
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -334,6 +335,7 @@ def plan(options=None, height: int = 1080, width: int = 1920, *, dtype=torch.flo
                       output_bytes=output, launches=launches, at_peak=first_at_peak)
 
 
+@functools.lru_cache(maxsize=32)
 def plan_stream(options=None, height: int = 1080, width: int = 1920, *,
                 dtype=torch.float16, backend: str = "triton", batch: int = 1, held: float = 2,
                 reuse: bool = True, ensemble: int = 1, block: int = CUDA_BLOCK_BYTES) -> int:
@@ -349,7 +351,8 @@ def plan_stream(options=None, height: int = 1080, width: int = 1920, *,
     live``, without the ensemble factor); the schedule run is the recursive one with that
     many ``live`` generated frames. ``reuse=False``: features are not kept, each call
     encodes its ``2 * batch`` frames. Only meta tensors are counted (the frames' CPU copies
-    are not device memory).
+    are not device memory). Results are cached per arguments: a pair that the CLI first
+    checks and then streams is planned once (~2 s at 4K).
     """
     import math
     from .options import Options
