@@ -109,7 +109,8 @@ def _pair_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.cat([a, b])``, as a view where ``b``'s rows directly follow ``a``'s in one
     storage: two frames of one encoded batch, e.g. the streaming engine without feature
     reuse, which encodes each call's end frames together. That saves a copy of every level
-    of both frames (5.4 GB at 4K fp16; the decoder only reads them)."""
+    of both frames: the 4K fp16 engine without reuse needs 15.42 instead of 21.06 GiB (dry
+    run). The decoder only reads them."""
     if (not torch.compiler.is_compiling() and a.dim() == 4 and b.dim() == 4
             and a.shape[1:] == b.shape[1:] and a.stride() == b.stride()
             and a.dtype == b.dtype and a.device == b.device
