@@ -42,7 +42,7 @@ setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     package_data={"film_fast": ["weights/*.safetensors", "data/*"],
-                  "film_fast.kernels": ["**/*.cu", "**/*.cuh"]},
+                  "film_fast.kernels": ["**/*.cu", "**/*.cuh", "**/*.c"]},
     include_package_data=True,
     # torch is deliberately unpinned: GPU users install the build that matches their CUDA.
     install_requires=["torch", "numpy", "pillow", "safetensors"],

@@ -68,7 +68,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cpu_memory.ensure()
     rows = []
-    header = f"{'input':>20} {'Cin->Cout':>11} {'calls':>5} {'direct ms':>10} {'F2x2':>6} {'F4x4':>6} rule"
+    native = winograd.native_library() is not None
+    print(f"Winograd transforms: {'C (film_fast.kernels.cpu)' if native else 'PyTorch ops'}; "
+          "F4 ops = F(4x4) with the PyTorch-op transforms")
+    header = (f"{'input':>20} {'Cin->Cout':>11} {'calls':>5} {'direct ms':>10} {'F2x2':>6} "
+              f"{'F4x4':>6} {'F4 ops':>6} rule")
     print(header)
     with torch.inference_mode():
         for (xs, ws), calls in sorted(conv_shapes().items(),
@@ -77,22 +81,31 @@ def main(argv=None) -> int:
             cout = ws[0]
             if cin < args.min_channels or cout < args.min_channels // 2:
                 continue
-            x = torch.randn(*xs).contiguous(memory_format=torch.channels_last)
-            weight, bias = torch.randn(*ws) * 0.02, torch.randn(cout)
+            # Normal tensors: an inference tensor's derived weights are not cached (no version
+            # counter), which would time the weight transform with every call.
+            with torch.inference_mode(False):
+                x = torch.randn(*xs).contiguous(memory_format=torch.channels_last)
+                weight, bias = torch.randn(*ws) * 0.02, torch.randn(cout)
             repeats = max(2, min(10, int(2e9 / (18 * cin * cout * h * w * b))))
             direct = _time(lambda: _POINTWISE(x, weight, bias, [1, 1], [1, 1], [1, 1], 1,
                                               "leaky_relu", [0.2], ""), repeats)
             f2 = _time(lambda: winograd.conv3x3(x, weight, bias, "leaky_relu", m=2), repeats)
             f4 = _time(lambda: winograd.conv3x3(x, weight, bias, "leaky_relu", m=4), repeats)
+            f4_ops = (_time(lambda: winograd.conv3x3(x, weight, bias, "leaky_relu", m=4,
+                                                     native=False), repeats)
+                      if native else f4)
             rule = winograd.tile_size(cin, cout, h, w)
             rows.append({"input": list(xs), "weight": list(ws), "calls": calls,
                          "direct_ms": direct * 1e3, "speedup_f2": direct / f2,
-                         "speedup_f4": direct / f4, "rule": rule})
+                         "speedup_f4": direct / f4, "speedup_f4_torch_ops": direct / f4_ops,
+                         "rule": rule})
             print(f"{str(xs):>20} {f'{cin}->{cout}':>11} {calls:>5} {direct * 1e3:>10.2f} "
-                  f"{direct / f2:>5.2f}x {direct / f4:>5.2f}x {rule or 'direct'}", flush=True)
+                  f"{direct / f2:>5.2f}x {direct / f4:>5.2f}x {direct / f4_ops:>5.2f}x "
+                  f"{rule or 'direct'}", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "native_transforms": native,
                        "rows": rows}, f, indent=1)
     return 0
 

@@ -42,6 +42,11 @@ def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
     return torch.device(device)
 
 
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a normal copy of an inference tensor (one read inside inference_mode)."""
+    return t.clone() if t.is_inference() else t
+
+
 def load(path: Optional[Union[str, os.PathLike]] = None, *, device=None, dtype=None,
          backend: Optional[str] = "auto", pyramid_levels: Optional[int] = None,
          options: Optional[Options] = None, padding: Optional[str] = None,
@@ -86,10 +91,13 @@ def load(path: Optional[Union[str, os.PathLike]] = None, *, device=None, dtype=N
     warn_if_slow(target_device, target_dtype, f"film_fast.load(dtype={target_dtype})")
     ckpt = read_checkpoint(path, pyramid_levels=pyramid_levels, options=options,
                            padding=padding)
-    with torch.device("meta"):
-        model = FILM(ckpt.options, backend=backend)
-    state = {k: v.to(dtype=target_dtype).contiguous() for k, v in ckpt.state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    model = model.to(target_device)
+    # (outside inference_mode even when called in it: see FILM.__init__)
+    with torch.inference_mode(False):
+        with torch.device("meta"):
+            model = FILM(ckpt.options, backend=backend)
+        state = {k: _normal(v).to(dtype=target_dtype).contiguous()
+                 for k, v in ckpt.state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        model = model.to(target_device)
     model.source = ckpt.describe()
     return model.set_ensemble(ensemble).eval()

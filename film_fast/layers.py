@@ -65,8 +65,10 @@ class Conv(nn.Module):
             return w
         if extra < 0:
             raise ValueError(f"conv expects {w.shape[1]} input channels, got {channels}")
-        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
-            # (compiled graphs arrange in the graph: the cache key reads data_ptr, untraceable)
+        if ((torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling()
+                or w.is_inference()):
+            # (compiled graphs arrange in the graph: the cache key reads data_ptr, untraceable;
+            # an inference tensor has no version counter to key on)
             return self._arranged(w, extra)
         key = (channels, w.dtype, w.device, w.data_ptr(), w._version)
         if self._padded_key != key:
@@ -87,7 +89,7 @@ class Conv(nn.Module):
         if w.dtype == dtype and b.dtype == dtype:
             return w, b
         if ((torch.is_grad_enabled() and (w.requires_grad or b.requires_grad))
-                or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling() or w.is_inference() or b.is_inference()):
             return w.to(dtype), b.to(dtype)
         key = (dtype, w.device, w.data_ptr(), w._version, b.data_ptr(), b._version)
         if self._cast_key != key:

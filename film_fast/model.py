@@ -140,9 +140,13 @@ class FILM(nn.Module):
     def __init__(self, options: Optional[Options] = None, *, backend: Optional[str] = None) -> None:
         super().__init__()
         self.options = options if options is not None else Options()
-        self.extract = FeatureExtractor(self.options)
-        self.predict_flow = PyramidFlowEstimator(self.options)
-        self.fuse = Fusion(self.options)
+        # Normal tensors even when built inside torch.inference_mode: inference tensors have no
+        # version counter, so the caches of arranged and transformed weights could not see an
+        # update and would have to rebuild them on every call.
+        with torch.inference_mode(False):
+            self.extract = FeatureExtractor(self.options)
+            self.predict_flow = PyramidFlowEstimator(self.options)
+            self.fuse = Fusion(self.options)
         self.source = "random initialisation"
         self.backend = "auto"
         self.memory_format = torch.channels_last

@@ -399,7 +399,8 @@ def run_stream(model, frames: Iterable[FrameLike], plan_for: Callable[[int], Pai
                select: Optional[Callable[[int, List[Any]], bool]] = None,
                on_start: Optional[Callable[[Tiling, int, int], None]] = None,
                budget: Optional[int] = None,
-               cuda_graphs: Union[bool, CUDAGraphEncoded] = False
+               cuda_graphs: Union[bool, CUDAGraphEncoded] = False,
+               retry_oom: Optional[bool] = None
                ) -> Iterator[Tuple[Any, FrameLike]]:
     """The engine behind :func:`interpolate`: yields ``(tag, frame)`` in output order.
 
@@ -417,7 +418,13 @@ def run_stream(model, frames: Iterable[FrameLike], plan_for: Callable[[int], Pai
             or distributed runs); ``tags`` are the chunk's outputs, the tail included
             on the last chunk. Chunks start at multiples of ``batch_size``.
         tile: as :func:`interpolate`, or a resolved :class:`~film_fast.tiling.Tiling`.
-        on_start: called with the resolved tiling and the frame size.
+        on_start: called with the resolved tiling and the frame size, and again with
+            each smaller tiling an out-of-memory retry switches to.
+        retry_oom: if the first chunk runs out of device memory before anything was
+            yielded, retry it with :func:`~film_fast.tiling.smaller_tiling` (warning each
+            time) instead of raising. Default: only for ``tile="auto"``; ``True`` lets a
+            caller that resolved "auto" itself (``film-fast video``, which records the
+            tiling for ``--resume``) start from its :class:`Tiling`.
         cuda_graphs: replay the model's calls from CUDA graphs
             (:class:`film_fast.cuda_graphs.CUDAGraphEncoded`); a model on a CUDA device only.
             If a capture fails, the run warns and goes on without them. A
@@ -437,11 +444,11 @@ def run_stream(model, frames: Iterable[FrameLike], plan_for: Callable[[int], Pai
     else:
         graphs = None
     return deliver(_stream_items(model, frames, plan_for, batch_size, scene_threshold, tile,
-                                 tail_for, select, on_start, budget, graphs))
+                                 tail_for, select, on_start, budget, graphs, retry_oom))
 
 
 def _stream_items(model, frames, plan_for, batch_size, scene_threshold, tile, tail_for, select,
-                  on_start, budget, graphs=None):
+                  on_start, budget, graphs=None, retry_oom=None):
     """run_stream's items, generated frames possibly still pending (transfer.PendingFrame)."""
     it = iter(frames)
     first_obj = next(it, None)
@@ -488,7 +495,8 @@ def _stream_items(model, frames, plan_for, batch_size, scene_threshold, tile, ta
 
     # tile="auto" is a prediction: if the first chunk runs out of device memory before it
     # made anything, it is retried a step smaller (smaller_tiling) instead of failing.
-    retry_oom = not isinstance(tile, Tiling) and tile == "auto"
+    if retry_oom is None:
+        retry_oom = not isinstance(tile, Tiling) and tile == "auto"
     made = 0
     lookahead = [second]
     next_index = 2

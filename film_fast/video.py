@@ -1091,6 +1091,19 @@ def _run_job(args, dist_env: Dist, info: VideoInfo, out_abs: str, work: str, fmt
     tb = info.time_base
 
     already = len([n for n in os.listdir(frames_dir) if n.endswith(".png")])
+    # --tile auto is a prediction: if the first chunk runs out of device memory, the engine
+    # retries it a step smaller (tiling.smaller_tiling). The manifest then records the tiling
+    # that made the frames, so --resume continues with it. Only while no frame exists (frames
+    # of two tilings differ slightly) and in one process (every rank must use the same one).
+    retry_oom = (manifest.get("tile_option") == "auto" and already == 0 and dist_env.world == 1)
+
+    def on_tiling(resolved: Tiling, height: int, width: int) -> None:
+        nonlocal tiling
+        if resolved == tiling:
+            return
+        tiling = resolved
+        manifest.update(tile=resolved.tile, reuse=resolved.reuse)
+        _write_json_atomically(os.path.join(work, MANIFEST), manifest)
     n_est = info.estimated_frames()
     total_est = 0
     if n_est >= 2:
@@ -1137,7 +1150,8 @@ def _run_job(args, dist_env: Dist, info: VideoInfo, out_abs: str, work: str, fmt
                                prepare=lambda p: prepare_frame(p, thumb=bool(threshold), pin=pin))
         stream = run_stream(model, frames, plan_for, batch_size=batch,
                             scene_threshold=threshold or None, tile=tiling,
-                            tail_for=tail_for, select=select,
+                            tail_for=tail_for, select=select, on_start=on_tiling,
+                            retry_oom=retry_oom,
                             cuda_graphs=getattr(args, "cuda_graphs", False))
         for k, pixels in stream:
             if os.path.exists(os.path.join(frames_dir, _frame_name(k))):

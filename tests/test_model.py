@@ -175,7 +175,9 @@ def test_kernel_launches_per_forward_stay_low(graph, monkeypatch):
     decoder up-convs are 4 phase convs each (film_fast.ops.phase_upconv), the 23 wide 3x3
     convs are Winograd convs of ~50 elementwise transform ops around one bmm each
     (film_fast.ops.winograd: 1.3-3.2x faster than oneDNN's direct conv), and dense
-    intermediates are copied into the buffers (FILM._dense_on_cpu); 1314 when written.
+    intermediates are copied into the buffers (FILM._dense_on_cpu); 1314 when written. With
+    the C transforms (film_fast.kernels.cpu, where a C compiler is available) 55 convs are
+    Winograd convs of one bmm between two C calls, which the counter does not see: 465.
     The Triton path's guard (99 kernels + 23 ATen ops) is in tests/test_triton_model.py.
     """
     from film_fast.ops import gather_warp, phase_upconv, winograd
@@ -193,12 +195,13 @@ def test_kernel_launches_per_forward_stay_low(graph, monkeypatch):
     assert counter.by_op["aten.cat"] <= 2  # concats are written in place
     assert counter.by_op["aten.index_select"] == 7  # row-swapped predictor halves: one gather each
     if graph == "cpu":
-        assert counter.total <= 1330, counter.by_op.most_common(8)
+        native = winograd.native_library() is not None
+        assert counter.total <= (480 if native else 1330), counter.by_op.most_common(8)
         assert counter.by_op["aten.grid_sampler_2d"] == 0  # every warp is a row gather
         assert counter.by_op["aten.embedding_bag"] == 16
         assert counter.by_op["aten._upsample_nearest_exact2d"] == 0  # phase up-convs
-        assert counter.by_op["aten.bmm"] == 23  # Winograd convs
-        assert counter.allocations <= 170, counter.allocations_by_op
+        assert counter.by_op["aten.bmm"] == (55 if native else 23)  # Winograd convs
+        assert counter.allocations <= (185 if native else 170), counter.allocations_by_op
         return
     assert counter.total <= 244, counter.by_op.most_common(8)
     assert "aten.empty" not in counter.by_op and counter.allocations <= 25, \
@@ -250,3 +253,24 @@ def test_interpolate_encoded_reads_a_joint_batch_in_place(small_model):
         assert torch.equal(apart, torch.cat([b.levels[0], a.levels[0]]))
         other = small_model.encode(x[1:])
         assert torch.equal(small_model.interpolate_encoded(a, other, 0.5), out)
+
+
+def test_models_built_or_loaded_inside_inference_mode_have_normal_weights():
+    """Inference tensors have no version counter, which the caches of arranged, cast and
+    Winograd-transformed weights key on: FILM() and film_fast.load() called inside
+    torch.inference_mode still make normal parameters, and a model whose parameters were made
+    inference tensors anyway (assigned inside inference_mode) runs, uncached, to the same
+    frames."""
+    g = torch.Generator().manual_seed(3)
+    x0, x1 = torch.rand(1, 3, 64, 96, generator=g), torch.rand(1, 3, 64, 96, generator=g)
+    with torch.inference_mode():
+        built = film_fast.FILM().eval()
+        loaded = film_fast.load()
+        assert not any(p.is_inference() for p in built.parameters())
+        assert not any(p.is_inference() for p in loaded.parameters())
+        want = loaded(x0, x1, 0.5)
+        stuck = film_fast.load()
+        stuck.load_state_dict({k: v.clone() for k, v in stuck.state_dict().items()},
+                              assign=True)
+        assert all(p.is_inference() for p in stuck.parameters())
+        torch.testing.assert_close(stuck(x0, x1, 0.5), want, rtol=0, atol=0)

@@ -174,6 +174,65 @@ def test_resume_after_interruption_equals_uninterrupted_run(media, reference, sm
         np.testing.assert_array_equal(a, b)
 
 
+def test_auto_tiling_steps_down_on_out_of_memory_and_resume_keeps_it(media, small_safetensors,
+                                                                      capsys, monkeypatch):
+    """--tile auto: an out-of-memory error in the first chunk, before any frame exists, is
+    retried a step smaller (without feature reuse, then half-size tiles), with a warning; the
+    manifest records the tiling that made the frames, so --resume continues with it, and the
+    video equals a run with that tile size given. With frames already made, or an explicit
+    --tile, the error ends the run (exit 1) and the work stays for --resume."""
+    import json
+    from film_fast import stream as stream_module
+    real_call = stream_module._Runner.call
+
+    def oom_on_full_frames(self, a, b, dts):
+        if self.grid.full_frame:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real_call(self, a, b, dts)
+
+    out = media / "oom.mp4"
+    work = str(out) + ".film-fast-work"
+    args = ["video", media / "cafe.mp4", "-o", out, "--crf", "0", "--factor", "2", "--model",
+            small_safetensors, "--quiet"]
+    monkeypatch.setattr(stream_module._Runner, "call", oom_on_full_frames)
+    with pytest.warns(RuntimeWarning, match="out of memory") as record:
+        code, _, err = run_cli(capsys, *args, "--stop-after", "3")
+    assert code == 130, err
+    assert len(record) == 2  # full frame -> without reuse -> tiles
+    with open(os.path.join(work, "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    tile = manifest["tile"]
+    assert tile is not None and tile < 240 and manifest["reuse"] is False
+    # Frames exist now: the resumed run must not step down; it runs the recorded tiles.
+    code, _, err = run_cli(capsys, *args, "--resume")
+    assert code == 0, err
+    assert not os.path.exists(work)
+    monkeypatch.setattr(stream_module._Runner, "call", real_call)
+    want = media / "oom_want.mp4"
+    code, _, err = run_cli(capsys, *args[:3], want, *args[4:], "--tile", tile)
+    assert code == 0, err
+    got_frames, want_frames = read_video(str(out))[0], read_video(str(want))[0]
+    assert len(got_frames) == len(want_frames) == 11
+    for a, b in zip(got_frames, want_frames):
+        np.testing.assert_array_equal(a, b)
+    # An explicit tiling is not second-guessed: the error ends the run, the work stays.
+    monkeypatch.setattr(stream_module._Runner, "call", oom_on_full_frames)
+    code, _, err = run_cli(capsys, *args[:3], media / "oom_off.mp4", *args[4:], "--tile", "off")
+    assert code == 1 and "out of memory" in one_error_line(err)
+    assert os.path.exists(str(media / "oom_off.mp4") + ".film-fast-work")
+    # Nor is the tiling of frames that exist: a full-frame job resumed under memory pressure.
+    monkeypatch.setattr(stream_module._Runner, "call", real_call)
+    late = [*args[:3], media / "oom_late.mp4", *args[4:]]
+    code, _, err = run_cli(capsys, *late, "--stop-after", "3")
+    assert code == 130, err
+    monkeypatch.setattr(stream_module._Runner, "call", oom_on_full_frames)
+    code, _, err = run_cli(capsys, *late, "--resume")
+    assert code == 1 and "out of memory" in one_error_line(err)
+    with open(str(media / "oom_late.mp4") + ".film-fast-work/manifest.json",
+              encoding="utf-8") as f:
+        assert json.load(f)["tile"] is None
+
+
 def test_progress_line(media, small_safetensors, capsys, monkeypatch):
     import film_fast.video as video
     monkeypatch.setattr(video, "PROGRESS_INTERVAL_S", 0.0)

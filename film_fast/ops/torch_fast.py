@@ -9,9 +9,10 @@ way, and fall back to the reference everywhere else:
   fusion): saves the separate activation pass (3% of a 512x512 frame) and runs
   the conv in its NHWC-blocked form. Only without autograd (it has no
   backward) and for fp32/bf16 (oneDNN's CPU dtypes).
-* wide 3x3 convs (both widths >= 128; the shape rule is :func:`film_fast.ops.winograd.tile_size`)
-  in fp32 as Winograd F(4x4, 3x3) or F(2x2, 3x3) (:mod:`film_fast.ops.winograd`): 4x or 2.25x
-  fewer multiplies, 1.4-3.2x faster than oneDNN's direct conv, without autograd.
+* 3x3 convs with 64+ channels on both sides (128+ without the C transforms; the shape rule
+  is :func:`film_fast.ops.winograd.tile_size`) in fp32 as Winograd F(4x4, 3x3) or F(2x2, 3x3)
+  (:mod:`film_fast.ops.winograd`): 4x or 2.25x fewer multiplies, 1.2-3.4x faster than
+  oneDNN's direct conv, without autograd.
 * a 2x2 TF-'same' conv (pad bottom/right) as a symmetric ``padding=1`` conv
   read from offset (1, 1): identical sums, no padded copy of the input.
 * the warp (and the flow estimator's upsample + warp) as one weighted row gather on CPU

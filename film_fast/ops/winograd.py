@@ -10,16 +10,24 @@ with ``d`` the input tile, ``g`` the 3x3 kernel and constant matrices ``B^T``, `
 channels, the ``(m + 2)^2`` elementwise products become that many independent GEMMs
 ``M[k] = V[k] @ U[k]`` (``[tiles, Cin] @ [Cin, Cout]``): per output pixel 4 multiplies
 (m = 2) or 2.25 (m = 4) instead of the direct conv's 9, i.e. 2.25x or 4x fewer FLOPs. The
-transforms are small linear combinations, run here separably (rows, then columns) as a few
-dozen elementwise PyTorch ops on strided NHWC views.
+transforms are small linear combinations that cost memory traffic in proportion to the
+channel counts. Two implementations:
 
-They cost memory traffic in proportion to the channel counts, so the saving wins only where
-the GEMMs dominate: wide layers. Measured on the 2-core AMD EPYC (Zen 3) development machine
-against oneDNN's direct fp32 conv (165-185 GFLOP/s), ``reuse`` malloc policy, F(4x4, 3x3):
-2442->512 at 64x64 3.2x faster, 1920->256 at 64x64 (batch 2) 2.7x, 1162->256 at 128x128 2.6x,
-512->512 at 64x64 2.7x, 256->256 at 128x128 2.1x, 896->128 at 128x128 1.6x, 522->128 at
-256x256 1.1-1.5x, 128->128 at 256x256 1.4x; but 384->64 0.85x and 202->64 at 512x512 0.7x.
-F(2x2, 3x3) wins over F(4x4, 3x3) only below 32x32. Hence :func:`tile_size`.
+* C (``kernels/cpu/winograd_transforms.c``, built on first use with the machine's C compiler,
+  see :mod:`film_fast.kernels.cpu`): one pass over the data per transform, vectorised over the
+  NHWC channels, bias and LeakyReLU fused into the output transform, OpenMP threads shared
+  with PyTorch's pool. The 36 GEMMs then dominate, and F(4x4) beats oneDNN's direct conv for
+  every FILM conv with 64+ channels on both sides (see :func:`tile_size`). The published
+  model at 512x512 fp32 runs 1.18x faster end to end than with the PyTorch-op transforms
+  (3.74 s vs 4.40 s per frame, medians of 4 interleaved runs; 2-core AMD EPYC).
+* PyTorch ops (no compiler, or ``FILM_FAST_NATIVE=0``): separably (rows, then columns), a
+  few dozen elementwise ops on strided NHWC views. The saving then wins only where the GEMMs
+  dominate: wide layers. Measured on the 2-core AMD EPYC (Zen 3) development machine against
+  oneDNN's direct fp32 conv (165-185 GFLOP/s), ``reuse`` malloc policy, F(4x4, 3x3):
+  2442->512 at 64x64 3.2x faster, 1920->256 at 64x64 (batch 2) 2.7x, 1162->256 at 128x128
+  2.6x, 512->512 at 64x64 2.7x, 256->256 at 128x128 2.1x, 896->128 at 128x128 1.6x, 522->128
+  at 256x256 1.1-1.5x, 128->128 at 256x256 1.4x; but 384->64 0.85x and 202->64 at 512x512
+  0.7x. F(2x2, 3x3) wins over F(4x4, 3x3) only below 32x32.
 
 Accuracy (fp32, max error over the output's largest magnitude, against a float64 conv):
 oneDNN's direct conv 1e-6..4e-6, F(2x2, 3x3) 5e-7, F(4x4, 3x3) 7e-6..1e-5 (its G has
@@ -48,6 +56,12 @@ LEAKY_SLOPE = 0.2
 # fusion conv, 522->128 at 1920x1080, needs ~16 GB of temporaries in one band).
 BAND_BYTES = 64 * 2 ** 20
 MAX_BAND_BYTES = 256 * 2 ** 20
+# With the C transforms a band's only temporaries are its tiles V and products M, and smaller
+# bands keep both in the L3 cache between the transform that writes them and the GEMMs that read
+# them. Native F(4x4) conv, ms, band of 1 / 2 / 4 / 8 tile rows (V + M 8 / 16 / 32 / 63 MB),
+# same AMD EPYC (32 MiB L3): 384->64 at 256x256 b2 183 / 206 / 229 / 224; 202->64 at 512x512
+# 225 / 235 / 258 / 263; 522->128 at 256x256 (U 9.6 MB, re-read per band) 227 / 221 / 218 / 208.
+NATIVE_BAND_BYTES = 8 * 2 ** 20
 
 # (B^T, G, A^T) per output tile size m
 _MATRICES = {
@@ -64,14 +78,29 @@ _MATRICES = {
 _WEIGHTS = DerivedWeights()  # U [(m+2)^2, Cin, Cout] per (weight, m)
 
 
-def tile_size(cin: int, cout: int, height: int, width: int) -> Optional[int]:
+def tile_size(cin: int, cout: int, height: int, width: int,
+              native: Optional[bool] = None) -> Optional[int]:
     """The Winograd output tile (4 or 2) that beats oneDNN's direct conv for this shape, or
     None. Measured per FILM conv shape (published model at 256x256 and 512x512, built-in
-    model at 1024x768, `benchmarks/winograd_sweep.py`): F(4x4) needs room for its
-    6x6 tiles and channels for its 36 GEMMs to amortise the transforms; below 32x32 F(2x2)'s
-    fewer, cheaper transforms win (e.g. 1920->256 at 16x16: F(2x2) 1.47x, F(4x4) 1.32x; at
-    4x4: 1.39x and 0.59x); convs into 64 channels (384->64, 202->64, ...) stay direct
-    (0.7-1.2x)."""
+    model at 1024x768, `benchmarks/winograd_sweep.py`, 2-core AMD EPYC).
+
+    With the C transforms (``native``; default: whether :func:`native_library` loads),
+    F(4x4) wins for every conv with 64 or more channels on both sides down to 12 px: 202->64
+    at 512x512 1.64x, 384->64 at 256x256 (batch 2) 1.45x, 224->64 at 192x256 1.81x, 64->64 at
+    512x512 1.36x, 1162->256 at 128x128 2.75x, 2442->512 at 64x64 3.35x, 1920->256 at 16x16
+    2.36x; below that F(2x2) (1920->256 at 4x4: 2.12x, F(4x4) 0.92x). Into 32 or 16 channels
+    the GEMMs are too thin to pay for the transforms (128->32 at 512x512 0.91x, 32->32 0.57x).
+
+    With the PyTorch-op transforms (each a few dozen elementwise passes): F(4x4) needs
+    channels for its 36 GEMMs to amortise them; below 32x32 F(2x2)'s fewer, cheaper transforms
+    win (1920->256 at 16x16: F(2x2) 1.47x, F(4x4) 1.32x; at 4x4: 1.39x and 0.59x); convs into
+    64 channels (384->64, 202->64, ...) stay direct (0.7-1.2x)."""
+    if native is None:
+        native = native_library() is not None
+    if native:
+        if cin < 64 or cout < 64 or height < 2 or width < 2:
+            return None
+        return 4 if min(height, width) >= 12 else 2
     if cin < 128 or cout < 128:
         return None
     pixels = height * width
@@ -167,6 +196,16 @@ def _band_rows(m: int, batch: int, tiles_y: int, tiles_x: int, cin: int, cout: i
     return max(1, min(tiles_y, band_budget(m, cin, cout) // max(per_row, 1)))
 
 
+def _native_band_rows(m: int, batch: int, tiles_y: int, tiles_x: int, cin: int,
+                      cout: int) -> int:
+    """Tile rows per band for the C transforms: V and M within :data:`NATIVE_BAND_BYTES`, or
+    twice U's size for wide weights (each band re-reads U), at most :data:`MAX_BAND_BYTES`."""
+    t = m + 2
+    per_row = 4 * batch * tiles_x * t * t * (cin + cout)
+    budget = min(max(NATIVE_BAND_BYTES, 2 * 4 * t * t * cin * cout), MAX_BAND_BYTES)
+    return max(1, min(tiles_y, budget // max(per_row, 1)))
+
+
 def band_budget(m: int, cin: int, cout: int) -> int:
     """Bytes of temporaries per band: :data:`BAND_BYTES`, or twice the transformed weight's
     size ``4 (m + 2)^2 Cin Cout`` where that is larger (each band re-reads the weight: this
@@ -175,8 +214,49 @@ def band_budget(m: int, cin: int, cout: int) -> int:
     return min(max(BAND_BYTES, 2 * u_bytes), MAX_BAND_BYTES)
 
 
+def native_library():
+    """The compiled C transforms (:mod:`film_fast.kernels.cpu`), or None where no C compiler
+    is available or ``FILM_FAST_NATIVE=0``: then the transforms run as PyTorch ops."""
+    from ..kernels import cpu
+    return cpu.library()
+
+
+def _conv3x3_native(lib, x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor],
+                    leaky: bool, m: int) -> torch.Tensor:
+    """conv3x3 with the C transforms: ``[B, H, W, Cout]`` (NHWC, dense)."""
+    b, cin, h, w = x.shape
+    cout = u.shape[2]
+    t = m + 2
+    ty, tx = -(-h // m), -(-w // m)
+    xh = x.permute(0, 2, 3, 1)
+    if xh.stride(3) != 1:
+        xh = xh.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    out = x.new_empty(b, h, w, cout)
+    sb, sh, sw = xh.stride(0), xh.stride(1), xh.stride(2)
+    ob, oh, ow = out.stride(0), out.stride(1), out.stride(2)
+    band = _native_band_rows(m, b, ty, tx, cin, cout)
+    bias_ptr = bias.data_ptr() if bias is not None else None
+    threads = torch.get_num_threads()
+    for ty0 in range(0, ty, band):
+        ty1 = min(ty0 + band, ty)
+        tiles = b * (ty1 - ty0) * tx
+        v = x.new_empty(t * t, tiles, cin)
+        lib.film_wino_input(xh.data_ptr(), b, h, w, cin, sb, sh, sw, m, ty0, ty1, tx,
+                            v.data_ptr(), 0, tiles, threads)
+        prod = torch.bmm(v, u)
+        del v
+        lib.film_wino_output(prod.data_ptr(), b, h, w, cout, m, ty0, ty1, tx, bias_ptr,
+                             int(leaky), LEAKY_SLOPE, out.data_ptr(), ob, oh, ow, 0, tiles,
+                             threads)
+        del prod
+    return out
+
+
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            activation: Optional[str] = None, m: Optional[int] = None) -> torch.Tensor:
+            activation: Optional[str] = None, m: Optional[int] = None,
+            native: Optional[bool] = None) -> torch.Tensor:
     """Stride-1 'same' 3x3 conv + bias + optional LeakyReLU(0.2), as
     :func:`film_fast.ops.reference.conv2d`, by F(m x m, 3x3) (``m`` = 2 or 4; default:
     :func:`tile_size`'s choice, else 4).
@@ -185,6 +265,10 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     2.25x the output), so large convs run in horizontal bands of tile rows whose temporaries
     stay within :func:`band_budget` (a 4K level-1 fusion conv, 522->128 at 1920x1080, would
     otherwise need ~16 GB of them; smaller bands also keep the transforms in cache).
+
+    The transforms run as C (:func:`native_library`, one pass over the data each, bias and
+    LeakyReLU fused into the output transform) where a C compiler is available, else as
+    PyTorch ops; ``native`` forces one (True raises without the library).
 
     Args:
         x: ``[B, Cin, H, W]`` float32, any strides (NHWC reads fastest).
@@ -198,8 +282,16 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     cout = weight.shape[0]
     if m is None:
         m = tile_size(cin, cout, h, w) or 4
-    ty, tx = -(-h // m), -(-w // m)
     u = transformed_weight(weight, m)
+    lib = native_library() if native in (None, True) else None
+    if native and lib is None:
+        from ..kernels import cpu
+        raise RuntimeError(f"the native Winograd transforms are unavailable: "
+                           f"{cpu.unavailable_reason()}")
+    if lib is not None:
+        return _conv3x3_native(lib, x, u, bias, activation == "leaky_relu",
+                               m).permute(0, 3, 1, 2)
+    ty, tx = -(-h // m), -(-w // m)
     full = x.new_empty(b, m * ty, m * tx, cout)
     band = _band_rows(m, b, ty, tx, cin, cout)
     for ty0 in range(0, ty, band):
