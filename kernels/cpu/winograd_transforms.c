@@ -63,6 +63,38 @@ static inline void bt2(const float *restrict t, i64 s, float *restrict o, i64 so
     }
 }
 
+/* The 1D A^T of t[0..T-1] at stride `s` into o[0..m-1] at stride `so`. */
+static inline void at4(const float *restrict t, i64 s, float *restrict o, i64 so, int n) {
+    for (int c = 0; c < n; ++c) {
+        float m0 = t[c], m1 = t[s + c], m2 = t[2 * s + c], m3 = t[3 * s + c];
+        float m4 = t[4 * s + c], m5 = t[5 * s + c];
+        float s1 = m1 + m2, d1 = m1 - m2, s2 = m3 + m4, d2 = m3 - m4;
+        o[c] = m0 + s1 + s2;
+        o[so + c] = d1 + 2.0f * d2;
+        o[2 * so + c] = s1 + 4.0f * s2;
+        o[3 * so + c] = d1 + 8.0f * d2 + m5;
+    }
+}
+
+static inline void at2(const float *restrict t, i64 s, float *restrict o, i64 so, int n) {
+    for (int c = 0; c < n; ++c) {
+        float m0 = t[c], m1 = t[s + c], m2 = t[2 * s + c], m3 = t[3 * s + c];
+        o[c] = m0 + m1 + m2;
+        o[so + c] = m1 - m2 - m3;
+    }
+}
+
+/* B^T (input side) or A^T (output side, `out` != 0) for tile size m, along one axis. */
+static inline void tf(int out, int m, const float *restrict t, i64 s, float *restrict o, i64 so,
+                      int n) {
+    if (out)
+        (m == 4 ? at4 : at2)(t, s, o, so, n);
+    else
+        (m == 4 ? bt4 : bt2)(t, s, o, so, n);
+}
+#define bt(...) tf(0, __VA_ARGS__)
+#define at(...) tf(1, __VA_ARGS__)
+
 void film_wino_input(const float *x, i64 B, i64 H, i64 W, i64 C, i64 sb, i64 sh, i64 sw,
                      int m, i64 ty0, i64 ty1, i64 tiles_x, float *v, i64 i0, i64 i1,
                      int threads) {
@@ -91,44 +123,16 @@ void film_wino_input(const float *x, i64 B, i64 H, i64 W, i64 C, i64 sb, i64 sh,
                 }
             }
             /* rows: r[i][j] = sum_k B^T[i][k] d[k][j], per column j */
-            for (int j = 0; j < t; ++j) {
-                if (m == 4)
-                    bt4(d + j * CB, (i64)t * CB, r + j * CB, (i64)t * CB, nc);
-                else
-                    bt2(d + j * CB, (i64)t * CB, r + j * CB, (i64)t * CB, nc);
-            }
+            for (int j = 0; j < t; ++j)
+                bt(m, d + j * CB, (i64)t * CB, r + j * CB, (i64)t * CB, nc);
             /* columns: v[i][j] = sum_k B^T[j][k] r[i][k], written to V[i t + j, idx, c0:] */
             for (int i = 0; i < t; ++i) {
-                if (m == 4)
-                    bt4(r + i * t * CB, CB, w, CB, nc);
-                else
-                    bt2(r + i * t * CB, CB, w, CB, nc);
+                bt(m, r + i * t * CB, CB, w, CB, nc);
                 for (int j = 0; j < t; ++j)
                     memcpy(v + ((i64)(i * t + j) * tiles + idx) * C + c0, w + j * CB,
                            sizeof(float) * (size_t)nc);
             }
         }
-    }
-}
-
-/* The 1D A^T of t[0..T-1] at stride `s` into o[0..m-1] at stride `so`. */
-static inline void at4(const float *restrict t, i64 s, float *restrict o, i64 so, int n) {
-    for (int c = 0; c < n; ++c) {
-        float m0 = t[c], m1 = t[s + c], m2 = t[2 * s + c], m3 = t[3 * s + c];
-        float m4 = t[4 * s + c], m5 = t[5 * s + c];
-        float s1 = m1 + m2, d1 = m1 - m2, s2 = m3 + m4, d2 = m3 - m4;
-        o[c] = m0 + s1 + s2;
-        o[so + c] = d1 + 2.0f * d2;
-        o[2 * so + c] = s1 + 4.0f * s2;
-        o[3 * so + c] = d1 + 8.0f * d2 + m5;
-    }
-}
-
-static inline void at2(const float *restrict t, i64 s, float *restrict o, i64 so, int n) {
-    for (int c = 0; c < n; ++c) {
-        float m0 = t[c], m1 = t[s + c], m2 = t[2 * s + c], m3 = t[3 * s + c];
-        o[c] = m0 + m1 + m2;
-        o[so + c] = m1 - m2 - m3;
     }
 }
 
@@ -151,20 +155,13 @@ void film_wino_output(const float *prod, i64 B, i64 H, i64 W, i64 K, int m, i64 
             for (int e = 0; e < t * t; ++e)
                 memcpy(mt + e * CB, prod + ((i64)e * tiles + idx) * K + k0,
                        sizeof(float) * (size_t)nk);
-            for (int j = 0; j < t; ++j) {
-                if (m == 4)
-                    at4(mt + j * CB, (i64)t * CB, s + j * CB, (i64)t * CB, nk);
-                else
-                    at2(mt + j * CB, (i64)t * CB, s + j * CB, (i64)t * CB, nk);
-            }
+            for (int j = 0; j < t; ++j)
+                at(m, mt + j * CB, (i64)t * CB, s + j * CB, (i64)t * CB, nk);
             for (int a = 0; a < m; ++a) {
                 i64 yy = m * ty + a;
                 if (yy >= H)
                     break;
-                if (m == 4)
-                    at4(s + a * t * CB, CB, y, CB, nk);
-                else
-                    at2(s + a * t * CB, CB, y, CB, nk);
+                at(m, s + a * t * CB, CB, y, CB, nk);
                 for (int p = 0; p < m; ++p) {
                     i64 xx = m * tx + p;
                     if (xx >= W)
