@@ -202,7 +202,19 @@ def report_header(device: torch.device, dtype: torch.dtype, backend: str, config
             "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
             "backend": backend, "config": config, "options": options.to_dict(),
             "matmul_ceiling_tflops": ceiling / 1e12, "batch": 1, "t": 0.5,
-            "cpu_malloc": cpu_memory.active() if device.type == "cpu" else None}
+            "cpu_malloc": cpu_memory.active() if device.type == "cpu" else None,
+            "cpu_winograd_transforms": (cpu_winograd_transforms() if device.type == "cpu"
+                                        else None)}
+
+
+def cpu_winograd_transforms() -> str:
+    """Which Winograd transforms the CPU fp32 path runs: "C" (film_fast.kernels.cpu) or, without
+    a C compiler or with FILM_FAST_NATIVE=0, "PyTorch ops" (with the reason)."""
+    from .kernels import cpu
+    from .ops import winograd
+    if winograd.native_library() is not None:
+        return "C"
+    return f"PyTorch ops ({cpu.unavailable_reason()})"
 
 
 def format_table(results: List[dict]) -> str:

@@ -657,6 +657,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     header = (f"{PROG} bench: {args.config} config ({model.num_parameters() / 1e6:.2f} M params), "
               f"{benchmark.device_name(device)}, {_dtype_name(dtype)}, backend {args.backend}, "
               f"torch {torch.__version__}; matmul ceiling {ceiling / 1e12:.3f} TFLOP/s")
+    if device.type == "cpu" and dtype == torch.float32:
+        header += f"; Winograd transforms: {benchmark.cpu_winograd_transforms()}"
     print(header)
     print(benchmark.format_table(results))
     report = dict(benchmark.report_header(device, dtype, args.backend, args.config, options, ceiling),

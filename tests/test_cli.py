@@ -309,6 +309,10 @@ def test_bench_small_prints_a_table_and_writes_json(tmp_path, capsys):
     assert data["versions"]["torch"] == torch.__version__ and data["dtype"] == "float32"
     assert data["matmul_ceiling_tflops"] > 0 and data["commit"]
     assert data["backend"] == "auto" and data["device"] and data["config"] == "small"
+    from film_fast.ops import winograd
+    transforms = "C" if winograd.native_library() is not None else "PyTorch ops"
+    assert data["cpu_winograd_transforms"].startswith(transforms)
+    assert f"Winograd transforms: {transforms}" in lines[0]
     (row,) = data["results"]
     assert row["size"] == "64x64" and row["fps"] > 0 and row["median_s"] > 0
     assert row["conv_gflop"] == pytest.approx(conv_flops(small_options(), 64, 64) / 1e9)
