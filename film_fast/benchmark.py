@@ -210,11 +210,11 @@ def report_header(device: torch.device, dtype: torch.dtype, backend: str, config
 def cpu_winograd_transforms() -> str:
     """Which Winograd transforms the CPU fp32 path runs: "C" (film_fast.kernels.cpu) or, without
     a C compiler or with FILM_FAST_NATIVE=0, "PyTorch ops" (with the reason)."""
-    from .kernels import cpu
     from .ops import winograd
     if winograd.native_library() is not None:
         return "C"
-    return f"PyTorch ops ({cpu.unavailable_reason()})"
+    cpu = winograd.cpu_kernels()
+    return f"PyTorch ops ({cpu.unavailable_reason() if cpu is not None else 'no kernels/cpu'})"
 
 
 def format_table(results: List[dict]) -> str:

@@ -36,6 +36,9 @@ inference only (:func:`eligible`).
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from typing import List, Optional, Sequence
 
 import torch
@@ -217,8 +220,34 @@ def band_budget(m: int, cin: int, cout: int) -> int:
 def native_library():
     """The compiled C transforms (:mod:`film_fast.kernels.cpu`), or None where no C compiler
     is available or ``FILM_FAST_NATIVE=0``: then the transforms run as PyTorch ops."""
-    from ..kernels import cpu
-    return cpu.library()
+    cpu = cpu_kernels()
+    return cpu.library() if cpu is not None else None
+
+
+def cpu_kernels():
+    """:mod:`film_fast.kernels.cpu`, also when film_fast is imported from a checkout that is
+    not installed (``PYTHONPATH=<checkout>``, as the torchrun and subprocess tests do): the
+    top-level ``kernels/`` folder becomes ``film_fast.kernels`` only when installed, so then
+    ``kernels/cpu`` is loaded from the checkout. None if neither exists."""
+    try:
+        from ..kernels import cpu
+        return cpu
+    except ImportError:
+        pass
+    name = "film_fast.kernels.cpu"
+    if name in sys.modules:
+        return sys.modules[name]
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "kernels", "cpu")
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.exists(init):
+        return None
+    spec = importlib.util.spec_from_file_location(name, init,
+                                                  submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _conv3x3_native(lib, x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor],
@@ -285,9 +314,9 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     u = transformed_weight(weight, m)
     lib = native_library() if native in (None, True) else None
     if native and lib is None:
-        from ..kernels import cpu
-        raise RuntimeError(f"the native Winograd transforms are unavailable: "
-                           f"{cpu.unavailable_reason()}")
+        cpu = cpu_kernels()
+        why = cpu.unavailable_reason() if cpu is not None else "film_fast.kernels is missing"
+        raise RuntimeError(f"the native Winograd transforms are unavailable: {why}")
     if lib is not None:
         return _conv3x3_native(lib, x, u, bias, activation == "leaky_relu",
                                m).permute(0, 3, 1, 2)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import importlib.resources
 import os
 import platform
 import shutil
@@ -55,8 +54,11 @@ SIGNATURES = {
 
 
 def source() -> str:
-    """The C source as shipped in the installed package."""
-    return importlib.resources.files(__name__).joinpath(SOURCE).read_text(encoding="utf-8")
+    """The C source as shipped next to this file (package data of the installed package;
+    read by path, so it is also found when this module is loaded from a checkout)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), SOURCE),
+              encoding="utf-8") as f:
+        return f.read()
 
 
 def enabled() -> bool:
