@@ -224,11 +224,21 @@ def native_library():
     return cpu.library() if cpu is not None else None
 
 
+_CPU_KERNELS: List = []  # the resolved module (or None), found once per process
+
+
 def cpu_kernels():
     """:mod:`film_fast.kernels.cpu`, also when film_fast is imported from a checkout that is
     not installed (``PYTHONPATH=<checkout>``, as the torchrun and subprocess tests do): the
     top-level ``kernels/`` folder becomes ``film_fast.kernels`` only when installed, so then
-    ``kernels/cpu`` is loaded from the checkout. None if neither exists."""
+    ``kernels/cpu`` is loaded from the checkout. None if neither exists. Resolved once: it
+    is asked for several times per conv, and a failing import costs ~25 us each time."""
+    if not _CPU_KERNELS:
+        _CPU_KERNELS.append(_find_cpu_kernels())
+    return _CPU_KERNELS[0]
+
+
+def _find_cpu_kernels():
     try:
         from ..kernels import cpu
         return cpu

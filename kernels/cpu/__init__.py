@@ -6,8 +6,9 @@ channels of NHWC tensors, instead of ~50 PyTorch elementwise ops (see the source
 
 Building
     :func:`library` compiles the source once per machine with ``$CC`` (default ``cc``)
-    ``-O3 -march=native -shared -fPIC`` into ``<cache>/film_fast/native/<key>.so`` and loads it
-    with :mod:`ctypes` (whose calls release the GIL, so a band is split between threads). The
+    ``-O3 -march=native -shared -fPIC -fopenmp`` (without ``-fopenmp`` where that fails) into
+    ``<cache>/film_fast/native/<key>.so`` and loads it with :mod:`ctypes`. Its loops run on
+    PyTorch's OpenMP pool (see the source's header), ``torch.get_num_threads()`` wide. The
     key hashes the source, the flags, the compiler's version and the CPU's flags (``-march=
     native`` code must not run on another CPU sharing the cache). ``<cache>`` is
     ``$FILM_FAST_CACHE_DIR``, else ``$XDG_CACHE_HOME``, else ``~/.cache``. The library is
